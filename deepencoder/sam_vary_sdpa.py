@@ -1,0 +1,212 @@
+"""
+SAM ViT-B image encoder (Kirillov et al. 2023) with DeepSeek-OCR's 16x conv compressor (net_2, net_3).
+Window attention in most blocks, global attention in a few, decomposed relative positions added as the
+SDPA mask. Module names follow Meta's SAM so its weights (and DeepSeek-OCR's sam_model) load 1:1.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class SAMConfig:
+    img_size: int = 1024          # the resolution pos_embed is stored at (64x64 grid)
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    window_size: int = 14
+    global_attn_indexes: tuple = (2, 5, 8, 11)
+    out_chans: int = 256          # neck
+    net2_chans: int = 512
+    net3_chans: int = 1024        # the channels CLIP receives
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of an NCHW tensor."""
+    def __init__(self, num_channels, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+def resize_pos_embed(pos_embed, size):
+    """(1, H, W, C) absolute positions -> (1, size, size, C): bicubic with antialias, computed in fp32."""
+    if pos_embed.size(1) == size:
+        return pos_embed
+    x = pos_embed.permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return x.to(pos_embed.dtype).permute(0, 2, 3, 1)
+
+
+def linear_resize_matrix(n_in, n_out, device):
+    """(n_out, n_in) matrix doing F.interpolate(mode="linear", align_corners=False) along one axis."""
+    scale = torch.tensor(n_in / n_out, dtype=torch.float32, device=device)  # fp32 source indices, as PyTorch computes them
+    src = ((torch.arange(n_out, device=device, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    w1 = src - i0
+    m = torch.zeros(n_out, n_in, device=device)
+    m[torch.arange(n_out), i0] += 1 - w1
+    m[torch.arange(n_out), i1] += w1
+    return m
+
+
+def get_rel_pos(q_size, k_size, rel_pos):
+    """
+    Relative position embeddings for every (query, key) pair along one axis, linearly interpolated if the grid
+    changed. Written as one matmul (one-hot selection, resize folded in) rather than indexing: the backward of
+    PyTorch's CPU indexing and interpolation is not deterministic, and a resumed run must match exactly.
+    """
+    max_rel_dist = 2 * max(q_size, k_size) - 1
+    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
+    relative_coords = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    select = F.one_hot(relative_coords.long(), max_rel_dist).float()  # (q, k, max_rel_dist)
+    if rel_pos.shape[0] != max_rel_dist:
+        select = select @ linear_resize_matrix(rel_pos.shape[0], max_rel_dist, rel_pos.device)
+    return (select @ rel_pos.float()).to(rel_pos.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, input_size):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
+
+    def forward(self, x):
+        B, H, W, _ = x.shape
+        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, heads, HW, head_dim)
+        # decomposed relative position bias, from the unscaled queries (as SAM does)
+        Rh = get_rel_pos(H, H, self.rel_pos_h)
+        Rw = get_rel_pos(W, W, self.rel_pos_w)
+        r_q = q.reshape(B, self.num_heads, H, W, -1)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw)
+        attn_bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, self.num_heads, H * W, H * W)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype))
+        x = x.transpose(1, 2).reshape(B, H, W, -1)
+        return self.proj(x)
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.lin1 = nn.Linear(dim, hidden)
+        self.lin2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.lin2(F.gelu(self.lin1(x)))
+
+
+def window_partition(x, window):
+    """(B, H, W, C) -> (B * nWindows, window, window, C), zero-padding H and W up to a multiple of window."""
+    B, H, W, C = x.shape
+    pad_h, pad_w = (window - H % window) % window, (window - W % window) % window
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    Hp, Wp = H + pad_h, W + pad_w
+    x = x.view(B, Hp // window, window, Wp // window, window, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, C), (Hp, Wp)
+
+
+def window_unpartition(windows, window, padded_hw, hw):
+    Hp, Wp = padded_hw
+    H, W = hw
+    B = windows.shape[0] // (Hp * Wp // window // window)
+    x = windows.view(B, Hp // window, Wp // window, window, window, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, -1)
+    return x[:, :H, :W, :].contiguous()
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio, window_size, input_size):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, input_size if window_size == 0 else (window_size, window_size))
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
+        self.window_size = window_size
+
+    def forward(self, x):
+        shortcut = x
+        x = self.norm1(x)
+        if self.window_size > 0:
+            H, W = x.shape[1], x.shape[2]
+            x, padded_hw = window_partition(x, self.window_size)
+            x = window_unpartition(self.attn(x), self.window_size, padded_hw, (H, W))
+        else:
+            x = self.attn(x)
+        x = shortcut + x
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, embed_dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).permute(0, 2, 3, 1)  # channels last: (B, H, W, C)
+
+
+class ImageEncoderViT(nn.Module):
+    """(B, 3, S, S) pixels -> (B, net3_chans, S/64, S/64) compressed grid."""
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        grid = config.img_size // config.patch_size
+        self.patch_embed = PatchEmbed(config.patch_size, config.embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, config.embed_dim))
+        self.blocks = nn.ModuleList([
+            Block(config.embed_dim, config.num_heads, config.mlp_ratio,
+                  0 if i in config.global_attn_indexes else config.window_size, (grid, grid))
+            for i in range(config.depth)
+        ])
+        self.neck = nn.Sequential(
+            nn.Conv2d(config.embed_dim, config.out_chans, kernel_size=1, bias=False),
+            LayerNorm2d(config.out_chans),
+            nn.Conv2d(config.out_chans, config.out_chans, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(config.out_chans),
+        )
+        self.net_2 = nn.Conv2d(config.out_chans, config.net2_chans, kernel_size=3, stride=2, padding=1, bias=False)
+        self.net_3 = nn.Conv2d(config.net2_chans, config.net3_chans, kernel_size=3, stride=2, padding=1, bias=False)
+        self.grad_checkpointing = False  # recompute the global blocks in backward: they dominate memory at 1024 px
+
+    def forward_neck(self, x):
+        """SAM proper: patches -> blocks -> neck, (B, out_chans, S/16, S/16)."""
+        x = self.patch_embed(x)
+        x = x + resize_pos_embed(self.pos_embed, x.size(1))
+        for i, blk in enumerate(self.blocks):
+            if self.grad_checkpointing and self.training and i in self.config.global_attn_indexes and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return self.neck(x.permute(0, 3, 1, 2))
+
+    def forward(self, x):
+        return self.net_3(self.net_2(self.forward_neck(x)))
+
+
+def build_sam_vit_b():
+    return ImageEncoderViT(SAMConfig())

@@ -1,0 +1,177 @@
+"""
+DeepseekOCRProcessor: images -> normalised pixel tensors for one of the five modes, and the number of
+<image> slots each image takes in the token sequence. num_image_slots() is the one place that count is
+computed; the tokenizer, the data loader, the model checks and the tests all go through it.
+"""
+import os
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from config import MODES, PATCH_SIZE, COMPRESSION, PAD_COLOR, IMAGE_MEAN, IMAGE_STD, MIN_CROPS, MAX_CROPS, MAX_IMAGE_PIXELS
+
+
+class ImageError(ValueError):
+    """An image that cannot be used, with the file and the reason in the message."""
+
+
+def query_grid(size):
+    """Side of the feature grid for an S x S view: SAM's 16 px patches, then 4x fewer per side from net_2/net_3."""
+    return size // PATCH_SIZE // COMPRESSION
+
+
+def candidate_grids(min_crops=MIN_CROPS, max_crops=MAX_CROPS):
+    """Tile grids (i, j) with min_crops <= i*j <= max_crops, ordered by tile count (DeepSeek-OCR's order)."""
+    grids = {(i, j) for n in range(min_crops, max_crops + 1)
+             for i in range(1, n + 1) for j in range(1, n + 1) if min_crops <= i * j <= max_crops}
+    return sorted(grids, key=lambda g: g[0] * g[1])
+
+
+def tile_grid(width, height, mode="gundam", min_crops=MIN_CROPS, max_crops=MAX_CROPS):
+    """
+    (nW, nH) tiles for an image, (1, 1) meaning "not tiled". InternVL/DeepSeek rule: the grid whose ratio
+    i/j is closest to w/h; on a tie the later grid wins when the image area exceeds half the grid's area.
+    Only crop modes tile, and only images larger than one tile on some side.
+    """
+    spec = MODES[mode]
+    tile = spec["image_size"]
+    if not spec["crop"] or (width <= tile and height <= tile):
+        return (1, 1)
+    if min_crops < 2:
+        raise ValueError("min_crops must be >= 2: a 1x1 grid means 'not tiled'")
+    aspect = width / height
+    best, best_diff = (1, 1), float("inf")
+    for grid in candidate_grids(min_crops, max_crops):
+        diff = abs(aspect - grid[0] / grid[1])
+        if diff < best_diff:
+            best, best_diff = grid, diff
+        elif diff == best_diff and width * height > 0.5 * tile * tile * grid[0] * grid[1]:
+            best = grid
+    return best
+
+
+def slot_count(global_q, tiles=(1, 1), tile_q=0):
+    """Slots for a q x q global grid (a newline after each row), the stitched tiles if any, and the separator."""
+    n = global_q * (global_q + 1)
+    if tiles != (1, 1):
+        n_w, n_h = tiles
+        n += (tile_q * n_w + 1) * (tile_q * n_h)
+    return n + 1
+
+
+def num_image_slots(width, height, mode="base", min_crops=MIN_CROPS, max_crops=MAX_CROPS):
+    """<image> slots an image of this size takes in `mode`: Tiny 73, Small 111, Base 273, Large 421, Gundam 273 + tiles."""
+    spec = MODES[mode]
+    tiles = tile_grid(width, height, mode, min_crops, max_crops)
+    return slot_count(query_grid(spec["base_size"]), tiles, query_grid(spec["image_size"]))
+
+
+def to_rgb(image, name="<image>"):
+    """Any PIL mode -> RGB: 16-bit and float are rescaled (not clipped), transparency is put on white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16"):
+            a = a / 65535.0 * 255.0
+        elif a.size and a.max() > 255:  # 32-bit int or float with a wide range: stretch to 8 bits
+            a = (a - a.min()) / max(a.max() - a.min(), 1e-12) * 255.0
+        image = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    if image.mode != "RGB":
+        try:
+            image = image.convert("RGB")
+        except (ValueError, OSError) as e:
+            raise ImageError(f"{name}: cannot convert mode {image.mode} to RGB ({e})") from e
+    return image
+
+
+def load_image(path):
+    """Open, check and decode an image file into an RGB PIL image; any problem raises ImageError naming the file."""
+    if not os.path.exists(path):
+        raise ImageError(f"{path}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ImageError(f"{path}: {image.width}x{image.height} pixels exceeds the {MAX_IMAGE_PIXELS:,} limit (decompression bomb?)")
+            image.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{path}: refused as a decompression bomb ({e})") from e
+    except Exception as e:  # UnidentifiedImageError, truncated data, bad headers...
+        raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+    return prepare_image(image, path)
+
+
+def prepare_image(image, name=None):
+    """EXIF orientation, size checks and RGB conversion, for images opened elsewhere."""
+    name = name or getattr(image, "filename", "") or "<image>"
+    if image.width == 0 or image.height == 0:
+        raise ImageError(f"{name}: empty image ({image.width}x{image.height})")
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise ImageError(f"{name}: {image.width}x{image.height} pixels exceeds the {MAX_IMAGE_PIXELS:,} limit")
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception as e:
+        raise ImageError(f"{name}: bad EXIF data ({e})") from e
+    return to_rgb(image, name)
+
+
+def normalize(image):
+    """RGB PIL -> (3, H, W) float tensor in [-1, 1] (mean 0.5, std 0.5)."""
+    a = np.asarray(image, dtype=np.float32) / 255.0
+    a = (a - np.array(IMAGE_MEAN, dtype=np.float32)) / np.array(IMAGE_STD, dtype=np.float32)
+    return torch.from_numpy(a.transpose(2, 0, 1).copy())
+
+
+class DeepseekOCRProcessor:
+    def __init__(self, mode="base", min_crops=MIN_CROPS, max_crops=MAX_CROPS):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; modes are {list(MODES)}")
+        self.mode, self.min_crops, self.max_crops = mode, min_crops, max_crops
+        self.spec = MODES[mode]
+
+    def global_view(self, image):
+        size = self.spec["base_size"]
+        if self.spec["pad"]:
+            return ImageOps.pad(image, (size, size), color=PAD_COLOR)
+        return image.resize((size, size), Image.BICUBIC)
+
+    def process_image(self, image):
+        """One RGB image -> dict(pixel_values (3,S,S), images_crop (P,3,s,s) or None, images_spatial_crop (nW,nH), num_image_tokens)."""
+        image = prepare_image(image)
+        tiles = tile_grid(image.width, image.height, self.mode, self.min_crops, self.max_crops)
+        crops = None
+        if tiles != (1, 1):
+            tile = self.spec["image_size"]
+            n_w, n_h = tiles
+            resized = image.resize((tile * n_w, tile * n_h), Image.BICUBIC)
+            crops = torch.stack([normalize(resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)))
+                                 for r in range(n_h) for c in range(n_w)])  # row-major
+        return dict(pixel_values=normalize(self.global_view(image)), images_crop=crops, images_spatial_crop=tiles,
+                    num_image_tokens=num_image_slots(image.width, image.height, self.mode, self.min_crops, self.max_crops))
+
+    def process_images(self, images):
+        """A list of PIL images -> batched tensors; images_crop is zero-padded to the most tiles (None if no tiles)."""
+        items = [self.process_image(im) for im in images]
+        crops = [it["images_crop"] for it in items]
+        images_crop = None
+        if any(c is not None for c in crops):
+            most = max(c.size(0) for c in crops if c is not None)
+            tile = self.spec["image_size"]
+            images_crop = torch.zeros(len(items), most, 3, tile, tile)
+            for i, c in enumerate(crops):
+                if c is not None:
+                    images_crop[i, :c.size(0)] = c
+        return dict(pixel_values=torch.stack([it["pixel_values"] for it in items]),
+                    images_crop=images_crop,
+                    images_spatial_crop=torch.tensor([it["images_spatial_crop"] for it in items]),
+                    num_image_tokens=[it["num_image_tokens"] for it in items])

@@ -1,0 +1,21 @@
+"""
+Stage 2: SAM + net_2 + net_3 frozen; CLIP, projector, newline/separator and GPT train on 90% vision /
+10% text, seq_len 8192, step schedule. Starts from the latest stage-1 checkpoint of the same model tag
+unless --init_from says otherwise.
+
+  python -m scripts.vis_mid_train --data=real
+  torchrun --nproc_per_node=8 -m scripts.vis_mid_train --data=real --total_batch_size=640
+"""
+from checkpoint import list_checkpoints
+from common import parse_overrides
+from config import checkpoint_dir
+from train import TrainConfig, train
+
+if __name__ == "__main__":
+    cfg = parse_overrides(TrainConfig(stage="stage2", seq_len=8192, schedule="step", freeze_sam=True, text_fraction=0.1,
+                                      warmup_steps=0, adamw_lr=3e-5))
+    if not cfg.init_from and not cfg.resume:
+        cfg.init_from = checkpoint_dir("stage1", cfg.tag())
+        if not list_checkpoints(cfg.init_from):
+            raise SystemExit(f"no stage-1 checkpoint in {cfg.init_from}: run scripts.vis_tok_train first, or pass --init_from")
+    train(cfg)

@@ -1,0 +1,13 @@
+"""
+Stage 1: train the vision tokenizer side. Everything trains (SAM, compressor, CLIP, projector,
+newline/separator, GPT) on vision data only, seq_len 4096, warmup + cosine.
+
+  python -m scripts.vis_tok_train --init_gpt=<nanochat dir or repo> --data=real
+  torchrun --nproc_per_node=8 -m scripts.vis_tok_train --init_gpt=... --data=real --total_batch_size=1280
+  python -m scripts.vis_tok_train --encoder=tiny --depth=4 --modes=tiny --num_iterations=100   # CPU toy
+"""
+from common import parse_overrides
+from train import TrainConfig, train
+
+if __name__ == "__main__":
+    train(parse_overrides(TrainConfig(stage="stage1", seq_len=4096, schedule="cosine", freeze_sam=False, text_fraction=0.0)))

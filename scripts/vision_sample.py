@@ -1,0 +1,116 @@
+"""
+Read the 9 test images (data/test_images, one per dataset category) with a trained checkpoint and show
+prompt, EXPECTED, GENERATED and EXACT / PARTIAL (normalised edit distance) for each, a summary, and an HTML
+page with every image beside its texts (differences highlighted).
+
+  python -m scripts.vision_sample                          # the most recent checkpoint
+  python -m scripts.vision_sample --checkpoint DIR --model_step 300 --mode base --max_tokens 512
+"""
+import argparse
+import base64
+import difflib
+import html
+import io
+import json
+import os
+
+from checkpoint import load_for_inference
+from common import append_report
+from config import MODES, base_dir
+from image_process import load_image, ImageError
+from metrics import normalized_edit_distance, exact_match
+from nano_deepseek_ocr import ocr
+
+DEFAULT_IMAGES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "test_images")
+
+
+def load_test_set(directory):
+    path = os.path.join(directory, "expected.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} not found: run `python -m scripts.make_test_images` to create the test images")
+    with open(path, encoding="utf-8") as f:
+        expected = json.load(f)
+    missing = [name for name in expected if not os.path.exists(os.path.join(directory, name))]
+    if missing:
+        raise SystemExit(f"{directory}: images listed in expected.json are missing: {missing} "
+                         "(run `python -m scripts.make_test_images`)")
+    return expected
+
+
+def diff_html(expected, generated):
+    """Generated text with what differs from the expected text highlighted."""
+    out = []
+    for op, a0, a1, b0, b1 in difflib.SequenceMatcher(None, expected, generated, autojunk=False).get_opcodes():
+        if op == "equal":
+            out.append(html.escape(generated[b0:b1]))
+        else:
+            if a1 > a0:
+                out.append(f"<del>{html.escape(expected[a0:a1])}</del>")
+            if b1 > b0:
+                out.append(f"<ins>{html.escape(generated[b0:b1])}</ins>")
+    return "".join(out)
+
+
+def verdict(row):
+    return "EXACT" if row["exact"] else f"PARTIAL (edit distance {row['ned']:.3f})"
+
+
+def write_html(path, rows, title):
+    cells = []
+    for r in rows:
+        buf = io.BytesIO()
+        thumb = r["image"].copy()
+        thumb.thumbnail((480, 480))
+        thumb.save(buf, format="PNG")
+        cells.append(f"""<tr><td><img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"></td><td>
+<h3>{html.escape(r['name'])} &middot; {html.escape(r['dataset'])} &middot; {verdict(r)}</h3>
+<p><b>prompt</b></p><pre>{html.escape(r['prompt'])}</pre><p><b>expected</b></p><pre>{html.escape(r['expected'])}</pre>
+<p><b>generated</b> (<del>missing</del> <ins>extra</ins>)</p><pre>{diff_html(r['expected'], r['generated'])}</pre></td></tr>""")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"""<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif}} td{{vertical-align:top;padding:8px;border-bottom:1px solid #ccc}}
+pre{{white-space:pre-wrap;max-width:800px;background:#f6f6f6;padding:6px}} del{{background:#fbb}} ins{{background:#bfb}}</style>
+<h1>{html.escape(title)}</h1><table>{''.join(cells)}</table>""")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="read the test images with a trained model")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint or run directory (default: the most recent run)")
+    parser.add_argument("--model_step", type=int, default=None, help="which step of the run (default: the last)")
+    parser.add_argument("--mode", default="base", choices=list(MODES))
+    parser.add_argument("--max_tokens", type=int, default=512)
+    parser.add_argument("--images", default=DEFAULT_IMAGES)
+    parser.add_argument("--html", default=None, help="where to write the HTML page (default: <base dir>/vision_sample.html)")
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+
+    tests = load_test_set(args.images)
+    model, tokenizer, meta, autocast, checkpoint = load_for_inference(args.checkpoint, args.model_step, args.device)
+    print(f"checkpoint {checkpoint} (step {meta['step']}), mode {args.mode}")
+    rows = []
+    for i, (name, spec) in enumerate(tests.items(), start=1):
+        try:
+            image = load_image(os.path.join(args.images, name))
+        except ImageError as e:
+            raise SystemExit(str(e))
+        with autocast:
+            generated = ocr(model, tokenizer, [image], spec["prompt"], args.mode, args.max_tokens)[0]
+        ned = normalized_edit_distance(generated, spec["expected"])
+        exact = exact_match(generated, spec["expected"])
+        rows.append(dict(spec, name=name, image=image, generated=generated, ned=ned, exact=exact))
+        print(f"[{i}/{len(tests)}] {spec['dataset']}\nPROMPT: {spec['prompt']}\nEXPECTED: {spec['expected']}\n"
+              f"GENERATED: {generated}\nMATCH: {verdict(rows[-1])}\n")
+    n_exact = sum(r["exact"] for r in rows)
+    mean_ned = sum(r["ned"] for r in rows) / len(rows)
+    print(f"summary: {n_exact}/{len(rows)} exact, mean normalised edit distance {mean_ned:.3f}")
+    out = args.html or os.path.join(base_dir(), "vision_sample.html")
+    write_html(out, rows, f"vision_sample: {checkpoint} step {meta['step']}, {args.mode} mode")
+    print(f"wrote {out}")
+    append_report("vision_sample", [f"- checkpoint {checkpoint}, mode {args.mode}: {n_exact}/{len(rows)} exact, "
+                                    f"mean normalised edit distance {mean_ned:.3f}"] +
+                  [f"- {r['dataset']}: {verdict(r)} | `{r['generated'][:100]!r}`" for r in rows])
+    return rows
+
+
+if __name__ == "__main__":
+    main()

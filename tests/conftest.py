@@ -1,0 +1,66 @@
+"""Tests run on the CPU, offline, with every file under a temporary base directory."""
+import os
+import tempfile
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.setdefault("NANO_DEEPSEEK_OCR_DIR", tempfile.mkdtemp(prefix="ndo-tests-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from gpt import GPTConfig  # noqa: E402
+from nano_deepseek_ocr import NanoDeepseekOCRConfig, build_model, tiny_encoder_configs  # noqa: E402
+from tasks.synthetic import corpus  # noqa: E402
+from tokenizer import RustBPETokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return RustBPETokenizer.train_from_iterator(corpus(1000), 512)
+
+
+@pytest.fixture(scope="session")
+def make_model(tokenizer):
+    return lambda **kwargs: tiny_model(tokenizer, **kwargs)
+
+
+def tiny_model(tokenizer, n_layer=2, n_embd=64, seed=0, sequence_len=1024):
+    """A tiny NanoDeepseekOCR (tiny DeepEncoder, 2-layer GPT) with the tokenizer's vocabulary."""
+    torch.manual_seed(seed)
+    sam, clip = tiny_encoder_configs()
+    gpt = GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.get_vocab_size(), n_layer=n_layer, n_head=2, n_kv_head=2, n_embd=n_embd)
+    model = build_model(NanoDeepseekOCRConfig(sam, clip, gpt, tokenizer.image_token_id))
+    with torch.no_grad():  # nanochat zero-inits lm_head and the output projections: give the tests non-trivial logits
+        model.gpt.lm_head.weight.normal_(0, 0.05)
+        for block in model.gpt.transformer.h:
+            block.attn.c_proj.weight.normal_(0, 0.05)
+            block.mlp.c_proj.weight.normal_(0, 0.05)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save(str(path))
+    return str(path)
+
+
+def tiny_train_config(tokenizer_dir, **overrides):
+    """Stage-1 config of a tiny model on synthetic formula pages, for CPU tests."""
+    from train import TrainConfig
+    cfg = TrainConfig(encoder="tiny", depth=2, modes="tiny", init_encoder="random", tokenizer=tokenizer_dir, num_synthetic=8,
+                      synthetic_kinds="formula", synthetic_max_size=640, device_batch_size=4, num_workers=0, seq_len=256,
+                      num_iterations=4, warmup_steps=1, eval_every=0, sample_count=0, save_every=0, vision_lr=1e-5)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def overfit_run(tokenizer_dir):
+    """Tier 1: a tiny model trained to memorise 8 synthetic pages. Returns (config, training summary)."""
+    from train import train
+    cfg = tiny_train_config(tokenizer_dir, model_tag="overfit", depth=4, device_batch_size=8, num_iterations=70, warmup_steps=10)
+    return cfg, train(cfg)

@@ -1,0 +1,153 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.nn.attention import sdpa_kernel, SDPBackend
+from torch.utils.flop_counter import FlopCounterMode
+
+import checkpoint
+from checkpoint import load_model, resolve_checkpoint, save_checkpoint, list_checkpoints
+from config import checkpoint_dir
+from gpt import GPT, GPTConfig
+from image_process import load_image
+from nano_deepseek_ocr import DeepEncoder, NanoDeepseekOCR, tiny_encoder_configs, ocr
+from tasks.synthetic import SyntheticPages
+from train import train, lr_multiplier, TrainConfig
+from conftest import tiny_train_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_tier1_overfit_reproduces_every_text(overfit_run):
+    cfg, summary = overfit_run
+    assert summary["final_loss"] < 0.05
+    model, tokenizer, meta = load_model(summary["checkpoint"])
+    assert meta["step"] == cfg.num_iterations
+    pages = SyntheticPages(cfg.num_synthetic, cfg.seed, cfg.synthetic_kinds.split(","), (cfg.synthetic_min_size, cfg.synthetic_max_size))
+    samples = [pages[i] for i in range(len(pages))]
+    generated = ocr(model.eval(), tokenizer, [load_image(s["image_path"]) for s in samples], [s["text"] for s in samples], "tiny", 64)
+    assert generated == [s["response"] for s in samples]
+    assert len(set(generated)) == len(samples)  # it reads each page, not one memorised answer
+
+
+def test_stage2_freezes_sam(overfit_run, tokenizer_dir):
+    _, summary = overfit_run
+    before = load_file(os.path.join(summary["checkpoint"], "model.safetensors"))
+    cfg = tiny_train_config(tokenizer_dir, stage="stage2", model_tag="frozen", init_from=summary["checkpoint"], freeze_sam=True,
+                            text_fraction=0.5, num_iterations=2, schedule="step", vision_lr=1e-3)
+    after = load_file(os.path.join(train(cfg)["checkpoint"], "model.safetensors"))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not any(k.startswith("encoder.sam_model.") for k in changed)
+    assert any(k.startswith("encoder.vision_model.") for k in changed)
+    assert any(k.startswith("gpt.transformer.h.") for k in changed)
+    assert "encoder.vision_model.embeddings.patch_embedding.weight" not in changed  # never trained
+
+
+def test_resume_continues_exactly(tokenizer_dir):
+    straight = train(tiny_train_config(tokenizer_dir, model_tag="straight", num_iterations=6))
+    first = train(tiny_train_config(tokenizer_dir, model_tag="resumed", num_iterations=6, save_every=3, stage="stage1-crash"))
+    # pretend the first run died after its step-3 checkpoint
+    run_dir = checkpoint_dir("stage1-crash", "resumed")
+    for path in list_checkpoints(run_dir)[1:]:
+        import shutil
+        shutil.rmtree(path)
+    resumed = train(tiny_train_config(tokenizer_dir, model_tag="resumed", num_iterations=6, save_every=3, stage="stage1-crash", resume=True))
+    assert first["losses"][:3] + resumed["losses"] == straight["losses"]
+    a = load_file(os.path.join(straight["checkpoint"], "model.safetensors"))
+    b = load_file(os.path.join(resumed["checkpoint"], "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_rank_torchrun_keeps_ranks_identical(tokenizer_dir):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    args = ["--encoder=tiny", "--depth=2", "--modes=tiny", "--init_encoder=random", f"--tokenizer={tokenizer_dir}", "--num_synthetic=8",
+            "--synthetic_kinds=formula", "--synthetic_max_size=640", "--device_batch_size=1", "--num_workers=0", "--seq_len=256",
+            "--num_iterations=4", "--warmup_steps=1", "--eval_every=4", "--eval_batches=1", "--sample_count=0", "--save_every=4",
+            "--text_fraction=0.5", "--model_tag=ddp", "--total_batch_size=4"]  # text-only rows leave the encoder unused on a rank
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+                          "-m", "scripts.vis_tok_train", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "parameters identical on all 2 ranks: True" in out.stdout
+    assert "2 x 2 accumulation steps" in out.stdout.replace("1 x 2 ranks x 2", "2 x 2 accumulation steps")
+    ckpt = resolve_checkpoint(checkpoint_dir("stage1", "ddp"))
+    assert os.path.exists(os.path.join(ckpt, "rank000.pt")) and os.path.exists(os.path.join(ckpt, "rank001.pt"))
+
+
+def test_encoder_flops_match_a_flop_counter():
+    sam, clip = tiny_encoder_configs()
+    encoder = DeepEncoder(sam, clip, 64)
+    for size in (512, 640):
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+            encoder(torch.randn(1, 3, size, size))
+        assert sum(encoder.flops(size).values()) == counter.get_total_flops()
+
+
+def test_gpt_flops_hand_count():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=4, vocab_size=10, n_layer=1, n_head=2, n_kv_head=2, n_embd=8))
+    model.init_weights()
+    # by hand: matrices 4 x 8x8 (attention) + 2 x 8x32 (mlp) + 10x8 (lm_head) = 848; 6*848 + 12*layers*heads*head_dim*seq
+    assert model.estimate_flops() == 6 * 848 + 12 * 1 * 2 * 4 * 4
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(torch.randint(0, 10, (1, 4)), targets=torch.randint(0, 10, (1, 4))).backward()
+    assert counter.get_total_flops() == 4 * model.estimate_flops()  # forward + backward over the 4 tokens
+
+
+def test_train_flops_count_frozen_parts_once(make_model):
+    model = make_model()
+    trained = model.train_flops(num_tokens=100, seq_len=100, view_sizes=[512, 640])
+    model.encoder.freeze_sam()
+    frozen = model.train_flops(num_tokens=100, seq_len=100, view_sizes=[512, 640])
+    sam = model.encoder.flops(512)["sam"] + model.encoder.flops(640)["sam"]
+    assert trained - frozen == 2 * sam
+    assert frozen == model.gpt.estimate_flops(100) * 100 + sum(3 * f["clip"] + 3 * f["projector"] + f["sam"]
+                                                               for f in (model.encoder.flops(512), model.encoder.flops(640)))
+
+
+def test_crash_mid_save_keeps_the_previous_checkpoint(make_model, tokenizer, tmp_path, monkeypatch):
+    model = make_model()
+    save_checkpoint(str(tmp_path), 1, model, tokenizer, dict(note="good"))
+    real_save = torch.save
+
+    def dying_save(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(checkpoint.torch, "save", dying_save)
+    with torch.no_grad():
+        model.image_newline.add_(1.0)
+    with pytest.raises(OSError):
+        save_checkpoint(str(tmp_path), 2, model, tokenizer, dict(note="bad"))
+    assert os.path.isdir(tmp_path / "step_000002.tmp")
+    found = resolve_checkpoint(str(tmp_path))
+    assert found.endswith("step_000001")
+    loaded, _, meta = load_model(found)
+    assert meta["note"] == "good" and not torch.equal(loaded.image_newline, model.image_newline)
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    save_checkpoint(str(tmp_path), 2, model, tokenizer, dict(note="retry"))
+    assert not os.path.exists(tmp_path / "step_000002.tmp") and resolve_checkpoint(str(tmp_path)).endswith("step_000002")
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_checkpoint(tokenizer_dir, monkeypatch):
+    calls = {"n": 0}
+    real_forward = NanoDeepseekOCR.forward
+
+    def forward(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = real_forward(self, *args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+    monkeypatch.setattr(NanoDeepseekOCR, "forward", forward)
+    with pytest.raises(SystemExit):
+        train(tiny_train_config(tokenizer_dir, model_tag="nan", num_iterations=5, save_every=1))
+    run_dir = checkpoint_dir("stage1", "nan")
+    assert [os.path.basename(p) for p in list_checkpoints(run_dir)] == ["step_000001", "step_000002"]
+    load_model(resolve_checkpoint(run_dir))
+
+
+def test_schedules():
+    cfg = TrainConfig(num_iterations=100, warmup_steps=10, schedule="cosine", final_lr_frac=0.1)
+    assert lr_multiplier(cfg, 0) == pytest.approx(0.1) and lr_multiplier(cfg, 9) == pytest.approx(1.0)
+    assert lr_multiplier(cfg, 55) == pytest.approx(0.55) and lr_multiplier(cfg, 100) == pytest.approx(0.1)
+    cfg = TrainConfig(num_iterations=100, warmup_steps=0, schedule="step", step_milestones="0.5,0.8", step_gamma=0.1)
+    assert [lr_multiplier(cfg, s) for s in (0, 49, 50, 79, 80)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])

@@ -1,0 +1,212 @@
+"""Image processing, slot counts, the slot layout, the merged forward, generation and the OCR command."""
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import image_process
+from config import MODES
+from image_process import DeepseekOCRProcessor, ImageError, load_image, num_image_slots, prepare_image, tile_grid
+from nano_deepseek_ocr import no_repeat_ngram_bans, ocr
+from scripts.ocr import grounding_boxes, draw_boxes, main as ocr_main
+
+
+@pytest.mark.parametrize("size", [(300, 200), (640, 640), (2000, 3000), (1024, 1024), (5000, 400)])
+def test_fixed_mode_slot_counts(size):
+    assert [num_image_slots(*size, mode) for mode in ("tiny", "small", "base", "large")] == [73, 111, 273, 421]
+
+
+@pytest.mark.parametrize("size,grid,slots", [((600, 600), (1, 1), 273), ((1280, 640), (2, 1), 483), ((800, 600), (3, 2), 893),
+                                             ((1920, 1280), (3, 2), 893), ((3840, 640), (6, 1), 883), ((640, 1280), (1, 2), 493)])
+def test_gundam_tiling_and_counts(size, grid, slots):
+    assert tile_grid(*size, "gundam") == grid
+    assert num_image_slots(*size, "gundam") == slots
+
+
+def test_gundam_tie_rule_prefers_the_larger_grid_for_large_images():
+    # (2,2) and (3,3) have the same ratio; the later grid wins only when the image covers over half of it
+    assert tile_grid(2000, 2000, "gundam", max_crops=9) == (3, 3)
+    assert tile_grid(1000, 1000, "gundam", max_crops=9) == (2, 2)
+    assert num_image_slots(2000, 2000, "gundam", max_crops=9) == 273 + 31 * 30
+
+
+def test_processor_tokenizer_and_model_agree_in_every_mode(make_model, tokenizer):
+    model = make_model()
+    image = Image.new("RGB", (1500, 700), (200, 220, 240))
+    for mode, spec in MODES.items():
+        item = DeepseekOCRProcessor(mode).process_image(image)
+        assert item["pixel_values"].shape == (3, spec["base_size"], spec["base_size"])
+        if spec["crop"]:
+            n_w, n_h = item["images_spatial_crop"]
+            assert item["images_crop"].shape == (n_w * n_h, 3, 640, 640)
+        else:
+            assert item["images_crop"] is None and item["images_spatial_crop"] == (1, 1)
+        ids, positions = tokenizer.render_vision_pretraining("<image>\nFree OCR.", 10_000, [item["num_image_tokens"]])
+        assert len(positions) == item["num_image_tokens"]
+        with torch.no_grad():
+            slots = model.encode_images([item])[0]
+            embeds = model.embed(torch.tensor([ids]), [item])
+        assert slots.shape == (item["num_image_tokens"], 64)
+        torch.testing.assert_close(embeds[0, positions[0]:positions[-1] + 1], slots)
+
+
+def test_process_images_batches_and_pads_tiles():
+    out = DeepseekOCRProcessor("gundam").process_images([Image.new("RGB", (1280, 640)), Image.new("RGB", (500, 500)),
+                                                         Image.new("RGB", (800, 600))])
+    assert out["pixel_values"].shape == (3, 3, 1024, 1024)
+    assert out["images_crop"].shape == (3, 6, 3, 640, 640)
+    assert out["images_spatial_crop"].tolist() == [[2, 1], [1, 1], [3, 2]]
+    assert out["num_image_tokens"] == [483, 273, 893]
+    assert out["images_crop"][0, 2:].abs().sum() == 0 and out["images_crop"][1].abs().sum() == 0
+    assert -1 <= out["pixel_values"].min() and out["pixel_values"].max() <= 1
+    padded = DeepseekOCRProcessor("base").process_image(Image.new("RGB", (400, 200), (255, 255, 255)))["pixel_values"]
+    assert torch.allclose(padded[:, 0, 0], torch.full((3,), 127 / 255 * 2 - 1))  # grey padding above the image
+    assert torch.allclose(padded[:, 512, 512], torch.ones(3))
+
+
+def test_layout_order(make_model):
+    model = make_model()
+    C = 64
+    q, qt, tiles = 2, 3, (2, 1)
+    glob = torch.arange(q * q, dtype=torch.float)[:, None].expand(q * q, C) + 1000
+    tile = torch.arange(2 * qt * qt, dtype=torch.float).view(2, qt * qt, 1).expand(2, qt * qt, C)
+    with torch.no_grad():
+        out = model.layout(glob, tile, tiles)
+    nl, sep = model.image_newline, model.view_seperator
+    assert out.shape[0] == (qt * 2 + 1) * qt + q * (q + 1) + 1
+    assert torch.equal(out[-1], sep)
+    rows = out[:(qt * 2 + 1) * qt].view(qt, qt * 2 + 1, C)
+    assert all(torch.equal(rows[r, -1], nl) for r in range(qt))  # a newline after every stitched row
+    # row r of the stitched grid: tile 0's row r, then tile 1's row r
+    assert rows[1, :, 0].tolist()[:-1] == [3, 4, 5, 12, 13, 14]
+    g = out[(qt * 2 + 1) * qt:-1].view(q, q + 1, C)
+    assert g[:, :q, 0].tolist() == [[1000, 1001], [1002, 1003]] and all(torch.equal(g[r, -1], nl) for r in range(q))
+    with torch.no_grad():
+        assert torch.equal(model.layout(glob), torch.cat([g.reshape(-1, C), sep[None]]))  # no tiles: global + separator
+
+
+def test_slot_count_mismatch_is_an_error(make_model, tokenizer):
+    model = make_model()
+    item = DeepseekOCRProcessor("tiny").process_image(Image.new("RGB", (100, 100)))
+    ids, _ = tokenizer.render_vision_pretraining("<image>\nFree OCR.", 1000, [72])  # one slot short
+    with pytest.raises(ValueError, match="72 <image> slots.*73 image embeddings"):
+        model.embed(torch.tensor([ids]), [item])
+
+
+def test_mixed_batch_matches_samples_one_by_one(make_model, tokenizer):
+    model = make_model().eval()
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in ((700, 500), (1400, 600))]
+    rows = []
+    for image, mode in zip(images, ("tiny", "gundam")):
+        item = DeepseekOCRProcessor(mode).process_image(image)
+        ids, pos = tokenizer.render_vision_pretraining("<image>\nFree OCR.", 10_000, [item["num_image_tokens"]], response="some text")
+        rows.append((ids, [item], pos))
+    chat, mask = tokenizer.render_conversation(dict(messages=[dict(role="user", content="hi"), dict(role="assistant", content="hello")]), 100)
+    rows.append((chat, [], [i for i, m in enumerate(mask) if not m]))
+    T = max(len(r[0]) for r in rows) - 1
+    inputs = torch.full((3, T), tokenizer.get_bos_token_id())
+    targets = torch.full((3, T), -1)
+    for b, (ids, _, masked) in enumerate(rows):
+        t = torch.tensor(ids[1:])
+        t[[p - 1 for p in masked if p > 0]] = -1
+        inputs[b, :len(ids) - 1], targets[b, :len(ids) - 1] = torch.tensor(ids[:-1]), t
+    with torch.no_grad():
+        per_token = model(inputs, targets, [im for r in rows for im in r[1]], loss_reduction="none").view(3, T)
+        for b, (ids, imgs, _) in enumerate(rows):
+            n = len(ids) - 1
+            alone = model(inputs[b:b + 1, :n], targets[b:b + 1, :n], imgs, loss_reduction="none")
+            torch.testing.assert_close(per_token[b, :n], alone, atol=2e-5, rtol=1e-4)
+            assert (per_token[b, n:] == 0).all()
+
+
+def test_generation_with_and_without_cache_and_batched(make_model, tokenizer):
+    model = make_model(seed=3).eval()
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)), Image.fromarray(rng.integers(0, 255, (900, 1400, 3), dtype=np.uint8))]
+    with torch.no_grad():
+        cached = ocr(model, tokenizer, images, ["Free OCR.", "Parse the figure."], "gundam", 12)
+        uncached = ocr(model, tokenizer, images, ["Free OCR.", "Parse the figure."], "gundam", 12, use_cache=False)
+        alone = [ocr(model, tokenizer, [im], p, "gundam", 12)[0] for im, p in zip(images, ["Free OCR.", "Parse the figure."])]
+    assert cached == uncached == alone
+    assert all(len(tokenizer.encode(t)) > 3 for t in cached)  # it really generated
+
+
+def test_image_token_is_never_generated(make_model, tokenizer):
+    model = make_model()
+    with torch.no_grad():
+        model.gpt.lm_head.weight[tokenizer.image_token_id] = 50.0  # the model would love to emit <image>
+        out = model.generate([[tokenizer.get_bos_token_id(), 5, 6]], max_new_tokens=5)[0]
+    assert tokenizer.image_token_id not in out and len(out) == 5
+
+
+def test_no_repeat_ngram_rule():
+    tokens = [1, 2, 3, 9, 1, 2]
+    assert no_repeat_ngram_bans(tokens, 3, window=90) == {3}  # "1 2 3" again would repeat a 3-gram
+    assert no_repeat_ngram_bans(tokens, 3, window=90, whitelist={3}) == set()
+    assert no_repeat_ngram_bans(tokens, 3, window=3) == set()  # the first "1 2 3" is outside the window
+    assert no_repeat_ngram_bans([1, 1, 1, 1], 2, window=90) == {1}
+
+
+def save(image, path, **kwargs):
+    image.save(path, **kwargs)
+    return str(path)
+
+
+def test_bad_images_convert_or_fail_with_the_file_name(tmp_path, monkeypatch):
+    cmyk = load_image(save(Image.new("CMYK", (40, 30), (0, 0, 0, 0)), tmp_path / "cmyk.jpg"))
+    assert cmyk.mode == "RGB" and np.asarray(cmyk).min() > 240  # CMYK paper white -> RGB white
+    deep = Image.fromarray(np.array([[65535, 32768], [0, 65535]], dtype=np.uint16))
+    rgb16 = load_image(save(deep, tmp_path / "deep.png"))
+    assert np.asarray(rgb16)[:, :, 0].tolist() == [[255, 128], [0, 255]]  # rescaled, not clipped to white
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)
+    palette.info["transparency"] = 1
+    assert np.asarray(load_image(save(palette, tmp_path / "p.png", transparency=1))).min() == 255  # transparent -> white
+    gray = load_image(save(Image.new("L", (10, 10), 77), tmp_path / "gray.png"))
+    assert gray.mode == "RGB" and np.asarray(gray).tolist()[0][0] == [77, 77, 77]
+    wide = load_image(save(Image.new("RGB", (6000, 20)), tmp_path / "wide.png"))
+    assert num_image_slots(*wide.size, "gundam") == 883 and DeepseekOCRProcessor("base").process_image(wide)["pixel_values"].shape == (3, 1024, 1024)
+    exif = Image.new("RGB", (60, 20))
+    info = exif.getexif()
+    info[0x0112] = 6  # rotate 90 degrees on display
+    assert load_image(save(exif, tmp_path / "rot.jpg", exif=info)).size == (20, 60)
+
+    (tmp_path / "garbage.png").write_bytes(os.urandom(200))
+    png = io.BytesIO()
+    Image.new("RGB", (300, 300), (9, 9, 9)).save(png, format="PNG")
+    (tmp_path / "cut.png").write_bytes(png.getvalue()[:len(png.getvalue()) // 2])
+    for name, reason in (("garbage.png", "cannot read"), ("cut.png", "cannot read"), ("nothing.png", "no such file")):
+        with pytest.raises(ImageError, match=f"{name}.*{reason}"):
+            load_image(str(tmp_path / name))
+    with pytest.raises(ImageError, match="empty image"):
+        prepare_image(Image.new("RGB", (0, 5)), "zero.png")
+    monkeypatch.setattr(image_process, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageError, match="gray.png.*decompression bomb"):
+        load_image(save(Image.new("L", (100, 100)), tmp_path / "gray.png"))
+
+
+def test_grounding_boxes_are_drawn(tmp_path):
+    text = "<|ref|>title<|/ref|><|det|>[[100, 100, 500, 200]]<|/det|>\n# Hi\n<|ref|>x<|/ref|><|det|>[[bad]]<|/det|>"
+    boxes = grounding_boxes(text, 999, 1998)
+    assert [label for label, _ in boxes] == ["title"]
+    assert boxes[0][1] == pytest.approx((100, 200, 500, 400))
+    drawn = np.asarray(draw_boxes(Image.new("RGB", (999, 1998), (255, 255, 255)), boxes))
+    assert (drawn[200, 100:500] != 255).any() and (drawn[300, 300] == 255).all()
+
+
+def test_ocr_command_without_a_checkpoint_says_so(tmp_path):
+    with pytest.raises(SystemExit, match="no trained model"):
+        ocr_main([str(tmp_path / "page.png"), "--checkpoint", str(tmp_path / "nowhere")])
+
+
+def test_ocr_command_reads_and_draws(overfit_run, tmp_path):
+    _, summary = overfit_run
+    page = tmp_path / "page.png"
+    Image.new("RGB", (300, 200), (255, 255, 255)).save(page)
+    results = ocr_main([str(page), str(tmp_path / "missing.png"), "--checkpoint", summary["checkpoint"], "--mode", "tiny",
+                        "--max_tokens", "8", "--out", str(tmp_path / "boxes")])
+    assert [p for p, _ in results] == [str(page)]  # the missing file is reported and skipped
