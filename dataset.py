@@ -107,8 +107,8 @@ def read_jsonl(path):
 def prepare_samples(name, rows, to_sample, max_samples=None, total=None):
     """
     Turn dataset rows into samples.jsonl under data_dir(name). to_sample(row, index, image_dir) returns a
-    sample dict, a list of them (a row with several questions), or None (row unusable). Resumable: progress.json records how many rows were consumed, and a
-    restart skips them. Returns the path of samples.jsonl.
+    sample dict, a list of them (a row with several questions), or None (row unusable). Resumable: progress.json
+    records how many rows were consumed, and a restart skips them. Returns the path of samples.jsonl.
     """
     root = data_dir(name)
     final, partial, progress_path = (os.path.join(root, f) for f in ("samples.jsonl", "samples.jsonl.partial", "progress.json"))

@@ -100,7 +100,8 @@ def load_image(path):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(path)
             if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise ImageError(f"{path}: {image.width}x{image.height} pixels exceeds the {MAX_IMAGE_PIXELS:,} limit (decompression bomb?)")
+                raise ImageError(f"{path}: {image.width}x{image.height} pixels exceeds the {MAX_IMAGE_PIXELS:,} limit "
+                                 "(decompression bomb?)")
             image.load()
     except ImageError:
         raise

@@ -222,7 +222,8 @@ class NanoDeepseekOCR(nn.Module):
             valid[b, L - len(p):] = True
         cfg = self.config.gpt
         head_dim = cfg.n_embd // cfg.n_head
-        dtype = self.gpt.transformer.wte.weight.dtype if device.type != "cuda" else torch.bfloat16
+        autocast = torch.is_autocast_enabled(device.type)  # keys/values come out in the autocast dtype when it is on
+        dtype = torch.get_autocast_dtype(device.type) if autocast else self.gpt.lm_head.weight.dtype
 
         def new_cache(length, valid_mask):
             return KVCache(B, cfg.n_kv_head, length, head_dim, cfg.n_layer, device, dtype, valid_mask)

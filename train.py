@@ -5,7 +5,6 @@ No DDP wrapper, as in nanochat: DistMuon / DistAdamW average the gradients thems
 batch does not touch (the encoder on a text-only batch) just count as zero gradients.
 """
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict
@@ -303,7 +302,7 @@ def train(cfg):
     summary = dict(losses=[], steps=[], val_loss=None, collapse=None, samples=[])
     t_start, dt_ema, step = time.time(), None, start_step
     while True:
-        last = step == cfg.num_iterations
+        last = step >= cfg.num_iterations
         if cfg.eval_every > 0 and (last or step % cfg.eval_every == 0):
             summary["val_loss"] = evaluate(model, cfg, val_task, tokenizer, rank, world_size, autocast)
             summary["collapse"] = encoder_collapse(model, collapse_views, autocast)
@@ -384,9 +383,10 @@ def train(cfg):
         append_report(f"Training {cfg.stage} ({cfg.tag()})", [
             f"- config: {', '.join(f'{k}={v}' for k, v in asdict(cfg).items())}",
             f"- parameters: {n_params:,} ({n_train:,} trainable)",
-            f"- steps {start_step} -> {step}, {summary['elapsed'] / 60:.1f} min; final train loss {summary.get('final_loss', float('nan')):.4f}; "
-            f"val loss {summary['val_loss'] if summary['val_loss'] is None else round(summary['val_loss'], 4)}",
-            f"- throughput: {summary.get('tokens_per_s', 0):,.0f} tok/s, {summary.get('images_per_s', 0):.1f} img/s, MFU {summary.get('mfu', '-')}",
+            f"- steps {start_step} -> {step}, {summary['elapsed'] / 60:.1f} min; "
+            f"final train loss {summary.get('final_loss', float('nan')):.4f}; val loss {summary['val_loss']}",
+            f"- throughput: {summary.get('tokens_per_s', 0):,.0f} tok/s, {summary.get('images_per_s', 0):.1f} img/s, "
+            f"MFU {summary.get('mfu', '-')}",
             f"- encoder similarity (collapse watch): {summary['collapse']}",
             *[f"- sample: expected `{e[:80]!r}` / generated `{g[:80]!r}`" for e, g in summary["samples"]],
         ])

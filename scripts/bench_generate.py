@@ -44,7 +44,8 @@ def main():
                 t0 = time.perf_counter()
                 out = model.generate([ids], [item], max_new_tokens=args.tokens + 1, use_cache=use_cache)[0]
                 speeds[use_cache] = (len(out) - 1) / (time.perf_counter() - t0 - prefill)
-            line += f" | decode {speeds[True]:.1f} tok/s with KV cache, {speeds[False]:.1f} tok/s without ({speeds[True] / speeds[False]:.0f}x)"
+            line += (f" | decode {speeds[True]:.1f} tok/s with KV cache, {speeds[False]:.1f} tok/s without "
+                     f"({speeds[True] / speeds[False]:.0f}x)")
         print(line)
 
 

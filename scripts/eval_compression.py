@@ -54,8 +54,12 @@ def plot(curves, path):
     d = ImageDraw.Draw(image)
     f = font(16)
     xmax = max([c for pts in curves.values() for _, c, _, _ in pts] + [1.0]) * 1.1
-    sx = lambda x: m + (W - 2 * m) * x / xmax
-    sy = lambda y: H - m - (H - 2 * m) * y / 100
+
+    def sx(x):
+        return m + (W - 2 * m) * x / xmax
+
+    def sy(y):
+        return H - m - (H - 2 * m) * y / 100
     d.line((m, H - m, W - m, H - m), fill=(0, 0, 0), width=2)
     d.line((m, m, m, H - m), fill=(0, 0, 0), width=2)
     for y in range(0, 101, 20):

@@ -62,7 +62,8 @@ def table(results):
     """Paper-style table: per text-token bin, pages, compression (text tokens / q*q vision features) and precision per mode."""
     modes = list(results)
     features = {m: (MODES[m]["base_size"] // 64) ** 2 for m in modes}
-    lines = ["| text tokens | pages | " + " | ".join(f"{m} ({features[m]} tok): compression, precision" for m in modes) + " | paper 64 / 100 |",
+    columns = " | ".join(f"{m} ({features[m]} tok): compression, precision" for m in modes)
+    lines = [f"| text tokens | pages | {columns} | paper 64 / 100 |",
              "|---|---|" + "---|" * len(modes) + "---|"]
     first = results[modes[0]]
     for lo, hi in BINS + [(0, 10 ** 9)]:

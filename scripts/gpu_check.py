@@ -34,8 +34,9 @@ def main():
     for stage, extra in (("stage1", dict(seq_len=4096)), ("stage2", dict(seq_len=8192, freeze_sam=True, text_fraction=0.1))):
         summary = train(TrainConfig(stage=f"{stage}-gpu-check", **common, **extra))
         steady = summary["steps"][2:] or summary["steps"]  # the first steps warm up kernels and loader workers
-        median = lambda key: statistics.median(s[key] for s in steady) if steady[0][key] is not None else None
-        rows.append((stage, median("dt"), median("tokens_per_s"), median("images_per_s"), median("mfu"), summary["peak_memory_gib"]))
+        medians = {key: statistics.median(s[key] for s in steady) if steady[0][key] is not None else None
+                   for key in ("dt", "tokens_per_s", "images_per_s", "mfu")}
+        rows.append((stage, *medians.values(), summary["peak_memory_gib"]))
     print(f"\n{'stage':<8} {'step s':>8} {'tok/s':>10} {'img/s':>8} {'MFU':>7} {'peak GiB':>9}")
     for stage, dt, tok, img, mfu, mem in rows:
         print(f"{stage:<8} {dt:>8.3f} {tok:>10,.0f} {img:>8.1f} {'-' if mfu is None else f'{100 * mfu:.1f}%':>7} "

@@ -174,7 +174,7 @@ def draw_chart(page, name, labels, values, kind="bar", colours=((70, 110, 180),)
         page.draw.line(points, fill=colours[0], width=3)
         for cx, vy in points:
             page.draw.ellipse((cx - 4, vy - 4, cx + 4, vy + 4), fill=colours[0])
-    response = f"{name}\n" + html_table([[l, str(v)] for l, v in zip(labels, values)])
+    response = f"{name}\n" + html_table([[label, str(value)] for label, value in zip(labels, values)])
     page.blocks.append(("image", response, (page.margin, page.margin, width - page.margin, height - page.margin)))
     return page
 
@@ -244,7 +244,8 @@ def make_sample(seed, index, kinds=KINDS, sizes=(512, 1024), doc_styles=DOC_STYL
 class SyntheticPages(Task):
     def __init__(self, num_samples=1000, seed=0, kinds=KINDS, sizes=(512, 1024), doc_styles=DOC_STYLES, **kwargs):
         super().__init__(**kwargs)
-        self.num_samples, self.seed, self.kinds, self.sizes, self.doc_styles = num_samples, seed, tuple(kinds), tuple(sizes), tuple(doc_styles)
+        self.num_samples, self.seed = num_samples, seed
+        self.kinds, self.sizes, self.doc_styles = tuple(kinds), tuple(sizes), tuple(doc_styles)
         name = f"seed{seed}-{'-'.join(self.kinds)}-{sizes[0]}-{sizes[1]}-{'-'.join(self.doc_styles)}"
         self.image_dir = data_dir(os.path.join("synthetic", name))
 

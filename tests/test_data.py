@@ -8,7 +8,6 @@ import zipfile
 
 import numpy as np
 import pytest
-import torch
 from datasets import Dataset, Features, Image as ImageFeature, Sequence, Value
 from PIL import Image
 

@@ -210,3 +210,14 @@ def test_ocr_command_reads_and_draws(overfit_run, tmp_path):
     results = ocr_main([str(page), str(tmp_path / "missing.png"), "--checkpoint", summary["checkpoint"], "--mode", "tiny",
                         "--max_tokens", "8", "--out", str(tmp_path / "boxes")])
     assert [p for p, _ in results] == [str(page)]  # the missing file is reported and skipped
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy(make_model, tokenizer):
+    model = make_model(seed=5).eval()
+    prompt = [[tokenizer.get_bos_token_id(), 40, 41, 42]]
+    with torch.no_grad():
+        greedy = model.generate(prompt, max_new_tokens=8)
+        assert model.generate(prompt, max_new_tokens=8, temperature=1.0, top_k=1) == greedy
+        a = model.generate(prompt, max_new_tokens=8, temperature=2.0, seed=1)
+        assert a == model.generate(prompt, max_new_tokens=8, temperature=2.0, seed=1)
+        assert any(model.generate(prompt, max_new_tokens=8, temperature=2.0, seed=s) != a for s in range(2, 6))
