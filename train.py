@@ -384,7 +384,8 @@ def train(cfg):
             f"- config: {', '.join(f'{k}={v}' for k, v in asdict(cfg).items())}",
             f"- parameters: {n_params:,} ({n_train:,} trainable)",
             f"- steps {start_step} -> {step}, {summary['elapsed'] / 60:.1f} min; "
-            f"final train loss {summary.get('final_loss', float('nan')):.4f}; val loss {summary['val_loss']}",
+            f"final train loss {summary.get('final_loss', float('nan')):.4f}; val loss "
+            + ("-" if summary["val_loss"] is None else f"{summary['val_loss']:.4f}"),
             f"- throughput: {summary.get('tokens_per_s', 0):,.0f} tok/s, {summary.get('images_per_s', 0):.1f} img/s, "
             f"MFU {summary.get('mfu', '-')}",
             f"- encoder similarity (collapse watch): {summary['collapse']}",

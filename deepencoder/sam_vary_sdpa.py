@@ -97,15 +97,20 @@ class Attention(nn.Module):
         B, H, W, _ = x.shape
         qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, HW, head_dim)
-        # decomposed relative position bias, from the unscaled queries (as SAM does)
         Rh = get_rel_pos(H, H, self.rel_pos_h)
         Rw = get_rel_pos(W, W, self.rel_pos_w)
-        r_q = q.reshape(B, self.num_heads, H, W, -1)
-        rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh)
-        rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw)
-        attn_bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, self.num_heads, H * W, H * W)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype))
-        x = x.transpose(1, 2).reshape(B, H, W, -1)
+        # global blocks at large grids: one head at a time keeps the (HW x HW) bias and scores small
+        step = self.num_heads if H * W <= 1024 else 1
+        out = []
+        for h0 in range(0, self.num_heads, step):
+            qh = q[:, h0:h0 + step]
+            # decomposed relative position bias, from the unscaled queries (as SAM does)
+            r_q = qh.reshape(B, qh.size(1), H, W, -1)
+            rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh)
+            rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw)
+            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, qh.size(1), H * W, H * W)
+            out.append(F.scaled_dot_product_attention(qh, k[:, h0:h0 + step], v[:, h0:h0 + step], attn_mask=bias.to(q.dtype)))
+        x = torch.cat(out, dim=1).transpose(1, 2).reshape(B, H, W, -1)
         return self.proj(x)
 
 

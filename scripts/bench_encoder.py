@@ -17,6 +17,10 @@ import time
 import torch
 
 
+# glibc: tensors above 64 KiB get their own mmap, returned to the OS when freed, so RSS follows live tensors
+MALLOC_ENV = dict(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_ARENA_MAX="1")
+
+
 def peak_rss_reset():
     """Linux: writing 5 to clear_refs resets VmHWM, so the next read is the peak of what follows."""
     with open("/proc/self/clear_refs", "w") as f:
@@ -99,7 +103,8 @@ def main():
         r = {}
         for impl in ("ours", "transformers"):
             out = subprocess.run([sys.executable, "-m", "scripts.bench_encoder", "--worker", which, impl, f"--size={args.size}",
-                                  f"--repeats={args.repeats}", f"--device={args.device}"], cwd=root, capture_output=True, text=True)
+                                  f"--repeats={args.repeats}", f"--device={args.device}"], cwd=root, capture_output=True, text=True,
+                                 env=dict(os.environ, **MALLOC_ENV))
             if out.returncode:
                 raise SystemExit(out.stderr)
             r[impl] = json.loads(out.stdout.strip().splitlines()[-1])
