@@ -39,7 +39,7 @@ elif [ "$SCALE" = "full" ]; then
   MAX_SAMPLES="${MAX_SAMPLES:-0}"                               # per dataset; 0 = everything
   RUN="${WANDB_RUN:-dummy}"
   TORCHRUN="torchrun --standalone --nproc_per_node=$NGPU"
-  COMMON="--init_gpt=$NANOCHAT_GPT --data=real --max_samples=$MAX_SAMPLES --modes=base --run=$RUN \
+  COMMON="--init_gpt=$NANOCHAT_GPT --model_tag=full --data=real --max_samples=$MAX_SAMPLES --modes=base --run=$RUN \
           --activation_checkpointing=true --device_batch_size=4 --num_workers=8"
   python -m scripts.prepare_data --max_samples="$MAX_SAMPLES"
   $TORCHRUN -m scripts.vis_tok_train $COMMON --total_batch_size=$((NGPU * 32)) --num_iterations=4000 --eval_every=500
