@@ -12,14 +12,13 @@ import os
 import random
 import re
 import shutil
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file, load_file
 
-from common import autodetect_device_type
+from common import autodetect_device_type, autocast_context
 from config import base_dir
 from nano_deepseek_ocr import NanoDeepseekOCRConfig, build_model
 from tokenizer import RustBPETokenizer
@@ -122,8 +121,7 @@ def load_for_inference(path=None, step=None, device=None):
         raise SystemExit(f"no trained model to read with: {e}")
     device = torch.device(device or autodetect_device_type())
     model, tokenizer, meta = load_model(checkpoint, device)
-    autocast = torch.amp.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    return model.eval(), tokenizer, meta, autocast, checkpoint
+    return model.eval(), tokenizer, meta, autocast_context(device), checkpoint
 
 
 def load_training_state(checkpoint, rank=0):

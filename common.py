@@ -4,6 +4,7 @@ Small helpers every entry point uses: distributed info, printing, device choice,
 import os
 import sys
 import dataclasses
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,11 @@ def autodetect_device_type():
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def autocast_context(device):
+    """bf16 autocast on CUDA, plain fp32 elsewhere: the one precision policy for training and inference."""
+    return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def compute_init(device_type=None):

@@ -6,7 +6,6 @@ batch does not touch (the encoder on a text-only batch) just count as zero gradi
 """
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, asdict
 
 import torch
@@ -14,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from checkpoint import save_checkpoint, resolve_checkpoint, load_model, load_training_state, set_rng_state
-from common import compute_init, compute_cleanup, print0, DummyWandb, append_report
+from common import compute_init, compute_cleanup, print0, DummyWandb, append_report, autocast_context
 from config import checkpoint_dir, tokenizer_dir, MODES
 from dataloader import VisionDataLoader
 from deepencoder.load_pretrained import load_sam, load_clip, load_deepseek_ocr_encoder
@@ -239,7 +238,7 @@ def train(cfg):
     ddp, rank, local_rank, world_size, device = compute_init(cfg.device_type or None)
     master = rank == 0
     torch.manual_seed(cfg.seed)
-    autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = autocast_context(device)
     out_dir = checkpoint_dir(cfg.stage, cfg.tag())
     wandb_run = DummyWandb()
     if cfg.run != "dummy" and master:
