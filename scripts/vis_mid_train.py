@@ -4,7 +4,7 @@ Stage 2: SAM + net_2 + net_3 frozen; CLIP, projector, newline/separator and GPT 
 unless --init_from says otherwise.
 
   python -m scripts.vis_mid_train --data=real
-  torchrun --nproc_per_node=8 -m scripts.vis_mid_train --data=real --total_batch_size=640
+  torchrun --standalone --nproc_per_node=8 -m scripts.vis_mid_train --data=real --total_batch_size=640
 """
 from checkpoint import list_checkpoints
 from common import parse_overrides

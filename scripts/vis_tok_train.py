@@ -3,7 +3,7 @@ Stage 1: train the vision tokenizer side. Everything trains (SAM, compressor, CL
 newline/separator, GPT) on vision data only, seq_len 4096, warmup + cosine.
 
   python -m scripts.vis_tok_train --init_gpt=<nanochat dir or repo> --data=real
-  torchrun --nproc_per_node=8 -m scripts.vis_tok_train --init_gpt=... --data=real --total_batch_size=1280
+  torchrun --standalone --nproc_per_node=8 -m scripts.vis_tok_train --init_gpt=... --data=real --total_batch_size=1280
   python -m scripts.vis_tok_train --encoder=tiny --depth=4 --modes=tiny --num_iterations=100   # CPU toy
 """
 from common import parse_overrides

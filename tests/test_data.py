@@ -306,7 +306,7 @@ def pages(tmp_path_factory):
 def responses(batch, tokenizer):
     """Which samples a batch holds, read back from its tokens."""
     out = []
-    for row, targets in zip(batch["input_ids"], batch["targets"]):
+    for targets in batch["targets"]:
         text = tokenizer.decode([t for t in targets.tolist() if t != -1])
         out.append(text.split("Free OCR.")[-1].removesuffix("<|assistant_end|>"))
     return out

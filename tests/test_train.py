@@ -67,7 +67,7 @@ def test_two_rank_torchrun_keeps_ranks_identical(tokenizer_dir):
             "--synthetic_kinds=formula", "--synthetic_max_size=640", "--device_batch_size=1", "--num_workers=0", "--seq_len=256",
             "--num_iterations=4", "--warmup_steps=1", "--eval_every=4", "--eval_batches=1", "--sample_count=0", "--save_every=4",
             "--text_fraction=0.5", "--model_tag=ddp", "--total_batch_size=4"]  # text-only rows leave the encoder unused on a rank
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "scripts.vis_tok_train", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "parameters identical on all 2 ranks: True" in out.stdout
