@@ -147,11 +147,8 @@ class NanoDeepseekOCR(nn.Module):
         device = self.image_newline.device
         by_size = defaultdict(list)
         for i, image in enumerate(images):
-            by_size[image["pixel_values"].shape[-1]].append((i, "global", image["pixel_values"]))
-            n_w, n_h = tuple(image["images_spatial_crop"])
-            if (n_w, n_h) != (1, 1):
-                for tile in image["images_crop"][:n_w * n_h]:
-                    by_size[tile.shape[-1]].append((i, "tiles", tile))
+            for kind, view in image_views(image):
+                by_size[view.shape[-1]].append((i, kind, view))
         features = defaultdict(list)
         for views in by_size.values():
             out = self.encoder(torch.stack([v for _, _, v in views]).to(device, non_blocking=True))
@@ -187,7 +184,7 @@ class NanoDeepseekOCR(nn.Module):
         return self.gpt.setup_optimizers(unembedding_lr, embedding_lr, matrix_lr, weight_decay,
                                          extra_adamw_groups=[dict(params=vision, lr=vision_lr)], adamw_only=adamw_only)
 
-    def train_flops(self, num_tokens, seq_len, view_sizes):
+    def train_flops(self, num_tokens, seq_len, images):
         """
         FLOPs of one training step: GPT forward+backward over num_tokens (nanochat's count at this seq_len), plus each
         image view through the encoder: 3x forward for the parts that train, 1x for frozen ones (nothing to backprop).
@@ -196,7 +193,7 @@ class NanoDeepseekOCR(nn.Module):
         trains = dict(sam=any(p.requires_grad for p in self.encoder.sam_model.parameters()),
                       clip=any(p.requires_grad for p in self.encoder.vision_model.parameters()),
                       projector=any(p.requires_grad for p in self.encoder.projector.parameters()))
-        for size in view_sizes:
+        for size in [view.shape[-1] for image in images for _, view in image_views(image)]:
             for part, f in self.encoder.flops(size).items():
                 flops += 3 * f if trains[part] else f
         return flops
@@ -258,6 +255,15 @@ class NanoDeepseekOCR(nn.Module):
                 valid = torch.cat([valid, valid.new_ones(B, 1)], dim=1)
                 logits = self.gpt(inputs_embeds=self.embed(ids, images), kv_cache=new_cache(ids.size(1), valid))[:, -1]
         return out
+
+
+def image_views(image):
+    """The views the encoder sees for one processed image: ("global", (3,S,S)), then ("tiles", (3,s,s)) per tile."""
+    yield "global", image["pixel_values"]
+    n_w, n_h = tuple(image["images_spatial_crop"])
+    if (n_w, n_h) != (1, 1):  # a single tile would only repeat the global view
+        for tile in image["images_crop"][:n_w * n_h]:
+            yield "tiles", tile
 
 
 def sample_next(logits, temperature, top_k, rng):

@@ -323,10 +323,7 @@ def train(cfg):
                 loss = forward(input_ids, targets, batch["images"])
             loss_sum += loss.detach()
             (loss / grad_accum).backward()
-            views = [im["pixel_values"].shape[-1] for im in batch["images"]]
-            views += [im["images_crop"].shape[-1] for im in batch["images"] if im["images_crop"] is not None
-                      for _ in range(im["images_spatial_crop"][0] * im["images_spatial_crop"][1])]
-            flops += model.train_flops(input_ids.numel(), input_ids.size(1), views)
+            flops += model.train_flops(input_ids.numel(), input_ids.size(1), batch["images"])
             tokens += int((input_ids != loader.pad_id).sum())
             images += len(batch["images"])
         bad = (~torch.isfinite(loss_sum)).float()

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from torch.nn.attention import sdpa_kernel, SDPBackend
 from torch.utils.flop_counter import FlopCounterMode
@@ -12,7 +13,7 @@ import checkpoint
 from checkpoint import load_model, resolve_checkpoint, save_checkpoint, list_checkpoints
 from config import checkpoint_dir
 from gpt import GPT, GPTConfig
-from image_process import load_image
+from image_process import DeepseekOCRProcessor, load_image
 from nano_deepseek_ocr import DeepEncoder, NanoDeepseekOCR, tiny_encoder_configs, ocr
 from tasks.synthetic import SyntheticPages
 from train import train, lr_multiplier, TrainConfig
@@ -98,13 +99,15 @@ def test_gpt_flops_hand_count():
 
 def test_train_flops_count_frozen_parts_once(make_model):
     model = make_model()
-    trained = model.train_flops(num_tokens=100, seq_len=100, view_sizes=[512, 640])
+    image = DeepseekOCRProcessor("gundam").process_image(Image.new("RGB", (1500, 700), "white"))
+    n_tiles = image["images_spatial_crop"][0] * image["images_spatial_crop"][1]
+    assert n_tiles > 1 and image["pixel_values"].shape[-1] == 1024 and image["images_crop"].shape[-1] == 640
+    trained = model.train_flops(num_tokens=100, seq_len=100, images=[image])
     model.encoder.freeze_sam()
-    frozen = model.train_flops(num_tokens=100, seq_len=100, view_sizes=[512, 640])
-    sam = model.encoder.flops(512)["sam"] + model.encoder.flops(640)["sam"]
-    assert trained - frozen == 2 * sam
-    assert frozen == model.gpt.estimate_flops(100) * 100 + sum(3 * f["clip"] + 3 * f["projector"] + f["sam"]
-                                                               for f in (model.encoder.flops(512), model.encoder.flops(640)))
+    frozen = model.train_flops(num_tokens=100, seq_len=100, images=[image])
+    views = [model.encoder.flops(1024)] + [model.encoder.flops(640)] * n_tiles
+    assert trained - frozen == 2 * sum(f["sam"] for f in views)
+    assert frozen == model.gpt.estimate_flops(100) * 100 + sum(3 * f["clip"] + 3 * f["projector"] + f["sam"] for f in views)
 
 
 def test_crash_mid_save_keeps_the_previous_checkpoint(make_model, tokenizer, tmp_path, monkeypatch):
