@@ -8,6 +8,10 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+# Before any process group exists: torch.distributed.nn binds group.WORLD as a default argument at import. Imported
+# later (torch._dynamo pulls it in, e.g. under torch.device("meta")), it keeps the group and gloo's worker threads
+# alive past destroy_process_group, and a worker still freeing a tensor at interpreter exit aborts the process.
+import torch.distributed.nn  # noqa: F401
 
 from config import base_dir
 
@@ -56,7 +60,9 @@ def compute_init(device_type=None):
 
 
 def compute_cleanup():
+    """Leave the process group together: a barrier so no rank closes its connections under a peer still talking."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

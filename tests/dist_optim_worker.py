@@ -11,7 +11,9 @@ from gpt import GPT, GPTConfig  # noqa: E402
 
 def build():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=32, vocab_size=61, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
+    with torch.device("meta"):  # as build_model and load_nanochat do: this imports torch._dynamo after the group exists
+        model = GPT(GPTConfig(sequence_len=32, vocab_size=61, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
+    model.to_empty(device="cpu")
     model.init_weights()
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 0.1)
@@ -40,8 +42,15 @@ def run(rank, world_size, steps=3):
     return {**model.state_dict(), "extra": extra.detach().clone()}, [type(o).__name__ for o in optimizers]
 
 
+def gloo_threads():
+    """Names of this process's gloo threads (Linux): none may outlive the process group."""
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    return [n for n in names if "gloo" in n]
+
+
 if __name__ == "__main__":
     ddp, rank, _, world_size, _ = compute_init("cpu")
     state, names = run(rank, world_size)
-    torch.save(dict(state=state, optimizers=names), os.path.join(sys.argv[1], f"rank{rank}.pt"))
     compute_cleanup()
+    torch.save(dict(state=state, optimizers=names, gloo_threads_after_cleanup=gloo_threads()),
+               os.path.join(sys.argv[1], f"rank{rank}.pt"))

@@ -37,6 +37,8 @@ def test_distributed_optimizers_match_single_process(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["optimizers"] == ["DistAdamW", "DistMuon"]
+    # the group is really gone after compute_cleanup: a gloo worker left running can abort the process at exit
+    assert ranks[0]["gloo_threads_after_cleanup"] == ranks[1]["gloo_threads_after_cleanup"] == []
     initial = dist_optim_worker.build()[0].state_dict()
     for name, value in single.items():
         assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), f"{name} differs between ranks"
