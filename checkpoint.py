@@ -5,8 +5,10 @@ Checkpoints: one directory per step holding
   tokenizer.pkl       so a checkpoint is self-contained
   rank000.pt, ...     each rank's optimizer state, data loader state and RNG state
 Written as step_XXXXXX.tmp and renamed when complete: a crash mid-save leaves the previous checkpoint as it was.
-Loading the model for inference (ocr, vision_sample) and for training (resume, stage 2) happens here only.
+Every model is built here: from our checkpoints (inference, resume, stage 2), from a nanochat base checkpoint,
+or new from its init sources (a nanochat GPT, SAM + CLIP or DeepSeek-OCR's encoder, or random).
 """
+import glob
 import json
 import os
 import random
@@ -18,8 +20,14 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file, load_file
 
-from common import autodetect_device_type, autocast_context
-from config import base_dir
+from common import print0
+from config import base_dir, tokenizer_dir
+from deepencoder.clip_sdpa import CLIPConfig
+from deepencoder.encoder import tiny_encoder_configs
+from deepencoder.load_pretrained import load_sam, load_clip, load_deepseek_ocr_encoder
+from deepencoder.sam_vary_sdpa import SAMConfig
+from gpt import GPT, GPTConfig, gpt_config_for_depth
+from hub import hub_list_files, hub_file
 from nano_deepseek_ocr import NanoDeepseekOCRConfig, build_model
 from tokenizer import RustBPETokenizer
 
@@ -112,20 +120,90 @@ def load_model(checkpoint, device="cpu"):
     return model, RustBPETokenizer.from_directory(checkpoint), meta
 
 
-def load_for_inference(path=None, step=None, device=None):
-    """What the reading scripts need: (model in eval mode, tokenizer, meta, autocast context, checkpoint path).
-    A missing checkpoint exits with the reason instead of a traceback."""
-    try:
-        checkpoint = resolve_checkpoint(path, step)
-    except FileNotFoundError as e:
-        raise SystemExit(f"no trained model to read with: {e}")
-    device = torch.device(device or autodetect_device_type())
-    model, tokenizer, meta = load_model(checkpoint, device)
-    return model.eval(), tokenizer, meta, autocast_context(device), checkpoint
-
-
 def load_training_state(checkpoint, rank=0):
     path = os.path.join(checkpoint, f"rank{rank:03d}.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} missing: was this checkpoint written with a different number of ranks?")
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ---- nanochat checkpoints: model_XXXXXX.pt + meta_XXXXXX.json (+ tokenizer.pkl), in a directory or an HF repo ----
+
+def pick_nanochat_files(paths, step=None):
+    """From a checkpoint tree's file list: (model .pt, meta .json, tokenizer.pkl), preferring base_checkpoints/,
+    the last step unless `step` is given, and the tokenizer nearest the model."""
+    models = {}
+    for p in paths:
+        m = re.search(r"model_(\d+)\.pt$", p)
+        if m:
+            models.setdefault(int(m.group(1)), []).append(p)
+    if step is not None:
+        models = {s: ps for s, ps in models.items() if s == step}
+    if not models:
+        raise FileNotFoundError("no nanochat checkpoint (model_XXXXXX.pt)" + (f" for step {step}" if step is not None else ""))
+    candidates = [p for ps in models.values() for p in ps]
+    base = [p for p in candidates if "base_checkpoints" in p] or candidates
+    model = max(base, key=lambda p: int(re.search(r"model_(\d+)\.pt$", p).group(1)))
+    meta = re.sub(r"model_(\d+)\.pt$", r"meta_\1.json", model)
+    tokenizers = sorted((p for p in paths if p.endswith("tokenizer.pkl")),
+                        key=lambda p: (os.path.dirname(p) != os.path.dirname(model), len(p)))
+    if not tokenizers:
+        raise FileNotFoundError("no tokenizer.pkl next to the nanochat checkpoint")
+    return model, meta, tokenizers[0]
+
+
+def load_nanochat(source, step=None, device="cpu"):
+    """
+    Build a GPT from a nanochat base checkpoint: a local directory or an HF repo holding model_XXXXXX.pt,
+    meta_XXXXXX.json and tokenizer.pkl (flat, or nanochat's base_checkpoints/dNN + tokenizer/ layout).
+    Only the chosen files are downloaded. Returns (model, meta dict, directory of tokenizer.pkl).
+    """
+    if os.path.isdir(source):
+        model_path, meta_path, tok_path = pick_nanochat_files(glob.glob(os.path.join(source, "**", "*"), recursive=True), step)
+    else:
+        hint = "or pass a local nanochat directory as --init_gpt"
+        files = pick_nanochat_files(hub_list_files(source, repo_type="model", hint=hint), step)
+        model_path, meta_path, tok_path = (hub_file(source, f, repo_type="model", hint=hint) for f in files)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    config = GPTConfig(**{k: v for k, v in meta["model_config"].items() if k in GPTConfig.__dataclass_fields__})
+    state = torch.load(model_path, map_location=device, weights_only=True)
+    state = {k.removeprefix("_orig_mod."): v.float() for k, v in state.items()}  # torch.compile prefix, bf16 -> fp32
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()  # rotary tables
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"nanochat checkpoint {model_path} does not match this GPT (newer nanochat adds value embeddings "
+                           f"and smearing, which are not supported): missing {missing}, unexpected {unexpected}")
+    return model, meta, os.path.dirname(tok_path)
+
+
+# ---- a new model from its init sources (nanochat's checkpoint_manager.build_model) ----
+
+def new_model(cfg, device):
+    """Tokenizer + model from the init sources of cfg (nanochat GPT, SAM + CLIP or DeepSeek-OCR's encoder)."""
+    nanochat = load_nanochat(cfg.init_gpt, None if cfg.init_gpt_step < 0 else cfg.init_gpt_step) if cfg.init_gpt else None
+    tokenizer = RustBPETokenizer.from_directory(cfg.tokenizer or (nanochat[2] if nanochat else tokenizer_dir()))
+    sam, clip = tiny_encoder_configs() if cfg.encoder == "tiny" else (SAMConfig(), CLIPConfig())
+    if nanochat:
+        gpt_config = nanochat[0].config
+        gpt_config.sequence_len = max(gpt_config.sequence_len, cfg.seq_len)
+    else:
+        gpt_config = gpt_config_for_depth(cfg.depth, max(tokenizer.get_vocab_size(), cfg.vocab_size), cfg.seq_len)
+    model = build_model(NanoDeepseekOCRConfig(sam, clip, gpt_config, tokenizer.image_token_id), device)
+    if nanochat:
+        model.gpt.load_state_dict(nanochat[0].state_dict())
+        model.gpt.resize_vocab(max(tokenizer.get_vocab_size(), cfg.vocab_size))  # append rows for the vision tokens
+        print0(f"GPT from nanochat {cfg.init_gpt} (vocab {nanochat[0].config.vocab_size} -> {tokenizer.get_vocab_size()})")
+    if cfg.init_encoder == "sam+clip":
+        for name, report in (("SAM", load_sam(model.encoder.sam_model, cfg.sam_source)),
+                             ("CLIP", load_clip(model.encoder.vision_model, cfg.clip_source))):
+            print0(f"{name}: {report['loaded']} tensors from {report['source']}; random init: {report['random_init'] or 'none'}")
+    elif cfg.init_encoder == "deepseek":
+        report = load_deepseek_ocr_encoder(model, cfg.deepseek_source)
+        print0(f"DeepEncoder: {report['loaded']} tensors from {report['source']}")
+    elif cfg.init_encoder != "random":
+        raise ValueError(f"--init_encoder must be sam+clip, deepseek or random, got {cfg.init_encoder!r}")
+    return model, tokenizer

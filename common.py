@@ -4,7 +4,7 @@ Small helpers every entry point uses: distributed info, printing, device choice,
 import os
 import sys
 import dataclasses
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -14,6 +14,19 @@ import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401
 
 from config import base_dir
+
+
+class UserError(Exception):
+    """An error whose message says what went wrong and what to do (a hub out of reach, a damaged checkpoint)."""
+
+
+def run_command(main, *args):
+    """A command's entry point: a UserError ends it with its message alone, exit status 1, no traceback."""
+    try:
+        return main(*args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def get_dist_info():
@@ -116,3 +129,17 @@ def append_report(title, lines):
     with open(path, "a", encoding="utf-8") as f:
         f.write(f"\n## {title}\n\n" + "\n".join(lines) + "\n")
     return path
+
+
+@contextmanager
+def atomic_open(path, mode="w", encoding=None):
+    """Write to a temporary file beside `path` and rename it over `path` when the block ends: a reader (or a crash)
+    never sees half a file. The temporary name carries the pid, so loader workers writing the same file do not clash."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, mode, encoding=encoding) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

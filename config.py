@@ -26,7 +26,6 @@ FREE_OCR = "Free OCR."
 DOC_TO_MARKDOWN = "<|grounding|>Convert the document to markdown."
 MARKDOWN_NO_GROUNDING = "Convert the document to markdown."
 PARSE_FIGURE = "Parse the figure."
-DESCRIBE_IMAGE = "Describe this image in detail."
 FORMULA_TO_LATEX = "Convert this formula to LaTeX."
 
 # nanochat's special tokens, then the ones vision adds (appended, so nanochat ids stay put).

@@ -69,8 +69,7 @@ def collate(items, pad_id, pad_to=None):
         inputs[b, :n] = ids[:-1]
         targets[b, :n] = torch.where(mask[1:], ids[1:], -1)
     images = [image for it in good for image in it["images"]]
-    return dict(input_ids=inputs, targets=targets, images=images, skipped=skipped, skip_details=details,
-                num_samples=len(items) - sum(skipped.values()))
+    return dict(input_ids=inputs, targets=targets, images=images, skipped=skipped, skip_details=details)
 
 
 class VisionDataLoader:

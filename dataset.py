@@ -1,62 +1,18 @@
 """
-Download / cache / prepare helpers shared by the tasks and the weight loaders.
+Preparation helpers shared by the tasks (hub access itself is hub.py).
 A prepared dataset is a directory holding images on disk and samples.jsonl, one sample per line:
   {"text": "<image>\\n<prompt>", "response": str, "image_path": str}
 Preparation streams rows, writes as it goes, and resumes where it stopped after a crash.
 """
-import io
 import json
 import os
 import shutil
 import tarfile
 
-from PIL import Image
 from tqdm import tqdm
 
+from common import atomic_open
 from config import data_dir
-
-
-def offline_message(repo_id, repo_type, error):
-    hint = ("HF_HUB_OFFLINE=1 is set, so nothing is downloaded" if os.environ.get("HF_HUB_OFFLINE") == "1"
-            else "the Hugging Face hub could not be reached")
-    flag = "" if repo_type == "model" else f" --repo-type {repo_type}"
-    return (f"could not get {repo_type} '{repo_id}': {hint} ({type(error).__name__}: {error}).\n"
-            f"Fetch it on a machine with network: `hf download {repo_id}{flag}` (then copy ~/.cache/huggingface), "
-            f"or pass a local directory instead of the hub id.")
-
-
-def hub_snapshot(repo_id, repo_type="model", allow_patterns=None):
-    """snapshot_download with a clear, immediate error when offline or unreachable."""
-    from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(repo_id, repo_type=repo_type, allow_patterns=allow_patterns)
-    except Exception as e:
-        raise RuntimeError(offline_message(repo_id, repo_type, e)) from e
-
-
-def hub_file(repo_id, filename, repo_type="dataset"):
-    from huggingface_hub import hf_hub_download
-    try:
-        return hf_hub_download(repo_id, filename, repo_type=repo_type)
-    except Exception as e:
-        raise RuntimeError(offline_message(repo_id, repo_type, e)) from e
-
-
-def hub_list_files(repo_id, repo_type="dataset"):
-    from huggingface_hub import HfApi
-    try:
-        return sorted(HfApi().list_repo_files(repo_id, repo_type=repo_type))
-    except Exception as e:
-        raise RuntimeError(offline_message(repo_id, repo_type, e)) from e
-
-
-def load_hf_dataset(repo_id, name=None, split="train", streaming=True):
-    """datasets.load_dataset, streamed by default (nothing huge lands on disk), with the offline message."""
-    from datasets import load_dataset
-    try:
-        return load_dataset(repo_id, name, split=split, streaming=streaming)
-    except Exception as e:
-        raise RuntimeError(offline_message(repo_id, "dataset", e)) from e
 
 
 def save_image(image, path):
@@ -65,23 +21,12 @@ def save_image(image, path):
         return path
     if isinstance(image, dict):
         image = image.get("bytes") or open(image["path"], "rb").read()
-    tmp = path + ".tmp"
-    if isinstance(image, (bytes, bytearray)):
-        with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
+        if isinstance(image, (bytes, bytearray)):
             f.write(image)
-    else:
-        image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+        else:
+            image.save(f, format="PNG")
     return path
-
-
-def image_size(image):
-    """(width, height) of a PIL image, encoded bytes or a datasets image dict, without decoding pixels."""
-    if isinstance(image, dict):
-        image = image.get("bytes") or open(image["path"], "rb").read()
-    if isinstance(image, (bytes, bytearray)):
-        return Image.open(io.BytesIO(image)).size
-    return image.size
 
 
 def extract_tar_once(tar_path, dest):
@@ -106,9 +51,10 @@ def read_jsonl(path):
 
 def prepare_samples(name, rows, to_sample, max_samples=None, total=None):
     """
-    Turn dataset rows into samples.jsonl under data_dir(name). to_sample(row, index, image_dir) returns a
-    sample dict, a list of them (a row with several questions), or None (row unusable). Resumable: progress.json
-    records how many rows were consumed, and a restart skips them. Returns the path of samples.jsonl.
+    Turn dataset rows into samples.jsonl under data_dir(name). rows() gives the rows (called only when there is
+    no samples.jsonl yet, so a prepared dataset needs no hub); to_sample(row, index, image_dir) returns a sample
+    dict, a list of them (a row with several questions), or None (row unusable). Resumable: progress.json records
+    how many rows were consumed, and a restart skips them. Returns the path of samples.jsonl.
     """
     root = data_dir(name)
     final, partial, progress_path = (os.path.join(root, f) for f in ("samples.jsonl", "samples.jsonl.partial", "progress.json"))
@@ -128,13 +74,12 @@ def prepare_samples(name, rows, to_sample, max_samples=None, total=None):
         open(partial, "w").close()
 
     def save_progress():
-        with open(progress_path + ".tmp", "w") as f:
+        with atomic_open(progress_path) as f:
             json.dump(progress, f)
-        os.replace(progress_path + ".tmp", progress_path)
 
     bar = tqdm(total=max_samples or total, initial=progress["samples"], desc=f"preparing {name}", unit="sample")
     with open(partial, "a", encoding="utf-8") as out:
-        for index, row in enumerate(rows):
+        for index, row in enumerate(rows()):
             if max_samples is not None and progress["samples"] >= max_samples:
                 break
             if index < progress["rows"]:

@@ -4,14 +4,11 @@ The nanochat GPT (Oct 2025 architecture, the one of the published d20/d32 checkp
 - QK norm, parameter-free RMSNorm, norm right after the token embedding
 - ReLU^2 MLP, untied wte / lm_head, no biases, logit softcap 15
 - grouped-query attention (n_kv_head), SDPA
-Added for vision: forward(inputs_embeds=...) in place of wte(idx), vocab growth that keeps old logits,
-and a KV cache that also takes left-padded batches.
+Added for vision: forward(inputs_embeds=...) in place of wte(idx), vocab growth that keeps old logits, and a
+static KV cache with per-row positions for the engine.
 """
-import glob
-import json
 import math
-import os
-import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -46,34 +43,60 @@ def apply_rotary_emb(x, cos, sin):
     return torch.cat([y1, y2], 3).to(x.dtype)
 
 
+def gpt_config_for_depth(depth, vocab_size, sequence_len):
+    """nanochat's sizing rule: width 64 per layer, 128-wide heads (d20 -> 1280 wide, 10 heads)."""
+    n_embd = depth * 64
+    n_head = max(1, (n_embd + 127) // 128)
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+
+
 class KVCache:
     """
-    Keys/values of every layer for generation. `valid` (B, T) marks real (not left-pad) positions,
-    so prompts of different lengths share one batch; rotary is relative, so left padding costs nothing else.
+    Keys and values for generation, preallocated: `rows` sequences of up to `length` positions in every layer, and
+    each row's fill level. Shapes never change, so a decode step can be captured in a CUDA graph. Inside
+    prefilling(rows), a forward writes new sequences (right-padded, from position 0) into those rows; otherwise a
+    forward decodes one token per row, at that row's own position.
     """
-    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype, valid=None):
-        self.k = torch.zeros(num_layers, batch_size, num_heads, seq_len, head_dim, device=device, dtype=dtype)
+    def __init__(self, n_layer, rows, n_kv_head, length, head_dim, device, dtype):
+        self.k = torch.zeros(n_layer, rows, n_kv_head, length, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        self.valid = torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
-        if valid is not None:
-            self.valid[:, :valid.size(1)] = valid
-        self.pos = 0
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        self.rows = torch.arange(rows, device=device)
+        self.key_positions = torch.arange(length, device=device)
+        self.filling = None  # rows being prefilled
 
-    def attention_mask(self, T):
-        """(B, 1, T, pos+T) boolean mask: causal, skipping pad keys (a pad query still sees itself, so no row is empty)."""
-        q_pos = torch.arange(self.pos, self.pos + T, device=self.k.device)[:, None]
-        k_pos = torch.arange(self.pos + T, device=self.k.device)[None, :]
-        keep = (k_pos <= q_pos)[None] & (self.valid[:, None, :self.pos + T] | (k_pos == q_pos)[None])
-        return keep[:, None]
+    @contextmanager
+    def prefilling(self, rows):
+        self.filling = rows
+        try:
+            yield
+        finally:
+            self.filling = None
 
-    def insert_kv(self, layer_idx, k, v):
-        t0, t1 = self.pos, self.pos + k.size(2)
-        assert t1 <= self.k.size(3), "KV cache is full"
-        self.k[layer_idx, :, :, t0:t1] = k
-        self.v[layer_idx, :, :, t0:t1] = v
-        if layer_idx == self.k.size(0) - 1:
-            self.pos = t1
-        return self.k[layer_idx, :, :, :t1], self.v[layer_idx, :, :, :t1]
+    def positions(self):
+        """Rotary positions of the incoming tokens: None (0, 1, ...) in a prefill, each row's length in a decode."""
+        return None if self.filling is not None else self.lengths[:, None]
+
+    def attention_mask(self):
+        """None in a prefill (causal within the new tokens); in a decode, every row's keys up to its new token."""
+        return None if self.filling is not None else (self.key_positions <= self.lengths[:, None])[:, None, None, :]
+
+    def insert(self, layer, k, v):
+        """Store this layer's new keys/values; returns the keys/values to attend to."""
+        if self.filling is not None:
+            self.k[layer, self.filling, :, :k.size(2)] = k
+            self.v[layer, self.filling, :, :v.size(2)] = v
+            return k, v
+        self.k[layer, self.rows, :, self.lengths] = k[:, :, 0]
+        self.v[layer, self.rows, :, self.lengths] = v[:, :, 0]
+        return self.k[layer], self.v[layer]
+
+
+def attention(q, k, v, mask, enable_gqa):
+    """Causal attention when mask is None, else attention where the boolean mask allows (SDPA)."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
 
 
 class CausalSelfAttention(nn.Module):
@@ -98,12 +121,8 @@ class CausalSelfAttention(nn.Module):
         q, k = norm(q), norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
-            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
-        gqa = self.n_kv_head != self.n_head
-        if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+            k, v = kv_cache.insert(self.layer_idx, k, v)
+        y = attention(q, k, v, attn_mask, enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.c_proj(y)
 
@@ -163,8 +182,8 @@ class GPT(nn.Module):
         device = self.transformer.wte.weight.device
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
         freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        return freqs.cos().to(dtype)[None, :, None, :], freqs.sin().to(dtype)[None, :, None, :]
+        # bf16 on every device, as nanochat keeps them: its checkpoints then give its logits here too
+        return freqs.cos().bfloat16()[None, :, None, :], freqs.sin().bfloat16()[None, :, None, :]
 
     def get_device(self):
         return self.transformer.wte.weight.device
@@ -199,11 +218,11 @@ class GPT(nn.Module):
                     lm_head=list(self.lm_head.parameters()))
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
-                         extra_adamw_groups=(), adamw_only=False):
+                         extra_adamw_groups=(), adamw_lr=None):
         """
         nanochat's split: AdamW for wte/lm_head (lr scaled by 1/sqrt(d_model/768)), Muon for the block matrices.
-        extra_adamw_groups brings in other parameters (the vision tower); adamw_only puts everything on AdamW.
-        Frozen parameters are dropped here, so no optimizer ever holds them.
+        extra_adamw_groups brings in other parameters (the vision tower). adamw_lr puts everything on AdamW at that
+        lr instead (the plain option). Frozen parameters are dropped here, so no optimizer ever holds them.
         """
         ddp = get_dist_info()[0]
         groups = self.optimizer_groups()
@@ -214,8 +233,10 @@ class GPT(nn.Module):
             dict(params=groups["embedding"], lr=embedding_lr * dmodel_lr_scale),
             *[dict(g) for g in extra_adamw_groups],
         ]
-        if adamw_only:
-            adam_groups.append(dict(params=groups["matrix"], lr=matrix_lr))
+        if adamw_lr is not None:
+            adam_groups.append(dict(params=groups["matrix"]))
+            for g in adam_groups:
+                g["lr"] = adamw_lr
         for g in adam_groups:
             g["params"] = [p for p in g["params"] if p.requires_grad]
         adam_groups = [g for g in adam_groups if g["params"]]
@@ -224,7 +245,7 @@ class GPT(nn.Module):
         AdamWFactory = DistAdamW if ddp else partial(torch.optim.AdamW, fused=fused)
         optimizers = [AdamWFactory(adam_groups, **adamw_kwargs)]
         matrix_params = [p for p in groups["matrix"] if p.requires_grad]
-        if not adamw_only and matrix_params:
+        if adamw_lr is None and matrix_params:
             MuonFactory = DistMuon if ddp else Muon
             optimizers.append(MuonFactory(matrix_params, lr=matrix_lr, momentum=0.95))
         for opt in optimizers:
@@ -232,81 +253,38 @@ class GPT(nn.Module):
                 group["initial_lr"] = group["lr"]
         return optimizers
 
-    def forward(self, idx=None, targets=None, kv_cache=None, loss_reduction="mean", inputs_embeds=None):
+    def rotary(self, T, positions=None):
+        """cos/sin for T tokens at positions 0..T-1, or at `positions` (B, T): per-row positions in a decode step."""
+        if positions is None:
+            assert T <= self.cos.size(1), f"sequence of {T} exceeds the rotary cache ({self.cos.size(1)})"
+            return self.cos[:, :T], self.sin[:, :T]
+        return self.cos[0, positions], self.sin[0, positions]
+
+    def hidden(self, idx=None, inputs_embeds=None, kv_cache=None, positions=None, attn_mask=None):
+        """The final normed hidden states (B, T, n_embd). A KV cache sets the positions and the mask itself."""
         assert (idx is None) != (inputs_embeds is None), "pass exactly one of idx / inputs_embeds"
         x = self.transformer.wte(idx) if inputs_embeds is None else inputs_embeds
-        B, T = x.shape[:2]
-        T0 = 0 if kv_cache is None else kv_cache.pos
-        assert T0 + T <= self.cos.size(1), f"sequence of {T0 + T} exceeds the rotary cache ({self.cos.size(1)})"
-        cos_sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
-        attn_mask = None if kv_cache is None else kv_cache.attention_mask(T)
+        if kv_cache is not None:
+            positions, attn_mask = kv_cache.positions(), kv_cache.attention_mask()
+        cos_sin = self.rotary(x.size(1), positions)
         x = norm(x)
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache, attn_mask)
-        x = norm(x)
+        return norm(x)
+
+    def logits(self, hidden):
         softcap = 15
-        logits = self.lm_head(x)
-        logits = softcap * torch.tanh(logits / softcap)
+        logits = self.lm_head(hidden)
+        return softcap * torch.tanh(logits / softcap)
+
+    def forward(self, idx=None, targets=None, kv_cache=None, loss_reduction="mean", inputs_embeds=None):
+        logits = self.logits(self.hidden(idx, inputs_embeds, kv_cache))
         if targets is None:
             return logits
         logits = logits.float()
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="sum"
-                               if loss_reduction == "mean" else loss_reduction)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction="sum" if loss_reduction == "mean" else loss_reduction)
         if loss_reduction == "mean":
             # a batch whose targets are all -1 gives 0, not 0/0
             loss = loss / (targets != -1).sum().clamp(min=1)
         return loss
-
-
-# -----------------------------------------------------------------------------
-# nanochat checkpoints: model_XXXXXX.pt + meta_XXXXXX.json (+ tokenizer.pkl), in a directory or an HF repo
-
-def pick_nanochat_files(paths, step=None):
-    """From a checkpoint tree's file list: (model .pt, meta .json, tokenizer.pkl), preferring base_checkpoints/,
-    the last step unless `step` is given, and the tokenizer nearest the model."""
-    models = {}
-    for p in paths:
-        m = re.search(r"model_(\d+)\.pt$", p)
-        if m:
-            models.setdefault(int(m.group(1)), []).append(p)
-    if step is not None:
-        models = {s: ps for s, ps in models.items() if s == step}
-    if not models:
-        raise FileNotFoundError("no nanochat checkpoint (model_XXXXXX.pt)" + (f" for step {step}" if step is not None else ""))
-    candidates = [p for ps in models.values() for p in ps]
-    base = [p for p in candidates if "base_checkpoints" in p] or candidates
-    model = max(base, key=lambda p: int(re.search(r"model_(\d+)\.pt$", p).group(1)))
-    meta = re.sub(r"model_(\d+)\.pt$", r"meta_\1.json", model)
-    tokenizers = sorted((p for p in paths if p.endswith("tokenizer.pkl")),
-                        key=lambda p: (os.path.dirname(p) != os.path.dirname(model), len(p)))
-    if not tokenizers:
-        raise FileNotFoundError("no tokenizer.pkl next to the nanochat checkpoint")
-    return model, meta, tokenizers[0]
-
-
-def load_nanochat(source, step=None, device="cpu"):
-    """
-    Build a GPT from a nanochat base checkpoint: a local directory or an HF repo holding model_XXXXXX.pt,
-    meta_XXXXXX.json and tokenizer.pkl (flat, or nanochat's base_checkpoints/dNN + tokenizer/ layout).
-    Only the chosen files are downloaded. Returns (model, meta dict, directory of tokenizer.pkl).
-    """
-    if os.path.isdir(source):
-        model_path, meta_path, tok_path = pick_nanochat_files(glob.glob(os.path.join(source, "**", "*"), recursive=True), step)
-    else:
-        from dataset import hub_list_files, hub_file
-        files = pick_nanochat_files(hub_list_files(source, repo_type="model"), step)
-        model_path, meta_path, tok_path = (hub_file(source, f, repo_type="model") for f in files)
-    with open(meta_path) as f:
-        meta = json.load(f)
-    config = GPTConfig(**{k: v for k, v in meta["model_config"].items() if k in GPTConfig.__dataclass_fields__})
-    state = torch.load(model_path, map_location=device, weights_only=True)
-    state = {k.removeprefix("_orig_mod."): v.float() for k, v in state.items()}  # torch.compile prefix, bf16 -> fp32
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()  # rotary tables
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"nanochat checkpoint {model_path} does not match this GPT (newer nanochat adds value embeddings "
-                           f"and smearing, which are not supported): missing {missing}, unexpected {unexpected}")
-    return model, meta, os.path.dirname(tok_path)

@@ -3,6 +3,7 @@ DeepseekOCRProcessor: images -> normalised pixel tensors for one of the five mod
 <image> slots each image takes in the token sequence. num_image_slots() is the one place that count is
 computed; the tokenizer, the data loader, the model checks and the tests all go through it.
 """
+import io
 import os
 import warnings
 
@@ -61,6 +62,11 @@ def slot_count(global_q, tiles=(1, 1), tile_q=0):
     return n + 1
 
 
+def vision_features(mode):
+    """Vision features of a mode's global view, the paper's "vision tokens": q*q (Tiny 64, Small 100, Base 256, Large 400)."""
+    return query_grid(MODES[mode]["base_size"]) ** 2
+
+
 def num_image_slots(width, height, mode="base", min_crops=MIN_CROPS, max_crops=MAX_CROPS):
     """<image> slots an image of this size takes in `mode`: Tiny 73, Small 111, Base 273, Large 421, Gundam 273 + tiles."""
     spec = MODES[mode]
@@ -91,39 +97,54 @@ def to_rgb(image, name="<image>"):
     return image
 
 
-def load_image(path):
-    """Open, check and decode an image file into an RGB PIL image; any problem raises ImageError naming the file."""
-    if not os.path.exists(path):
-        raise ImageError(f"{path}: no such file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise ImageError(f"{path}: {image.width}x{image.height} pixels exceeds the {MAX_IMAGE_PIXELS:,} limit "
-                                 "(decompression bomb?)")
-            image.load()
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{path}: refused as a decompression bomb ({e})") from e
-    except Exception as e:  # UnidentifiedImageError, truncated data, bad headers...
-        raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
-    return prepare_image(image, path)
-
-
-def prepare_image(image, name=None):
-    """EXIF orientation, size checks and RGB conversion, for images opened elsewhere."""
-    name = name or getattr(image, "filename", "") or "<image>"
+def check_size(image, name):
+    """Refuse empty images and decompression bombs from the header, before any pixel is decoded."""
     if image.width == 0 or image.height == 0:
         raise ImageError(f"{name}: empty image ({image.width}x{image.height})")
     if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise ImageError(f"{name}: {image.width}x{image.height} pixels exceeds the {MAX_IMAGE_PIXELS:,} limit")
+        raise ImageError(f"{name}: {image.width}x{image.height} pixels exceeds the {MAX_IMAGE_PIXELS:,} limit "
+                         "(decompression bomb?)")
+
+
+def upright_rgb(image, name):
+    """Decode (if not yet), apply the EXIF orientation, convert to RGB; a file that fails to decode is named as such."""
+    try:
+        image.load()
+    except Exception as e:  # truncated data, bad headers...
+        raise ImageError(f"{name}: cannot read image ({type(e).__name__}: {e})") from e
     try:
         image = ImageOps.exif_transpose(image)
     except Exception as e:
         raise ImageError(f"{name}: bad EXIF data ({e})") from e
     return to_rgb(image, name)
+
+
+def load_image(source, name=None):
+    """Open, check and decode an image file (a path, or the file's bytes) into an RGB PIL image; any problem raises
+    ImageError naming the file."""
+    name = name or (source if isinstance(source, str) else "<image>")
+    if isinstance(source, str) and not os.path.exists(source):
+        raise ImageError(f"{source}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(source if isinstance(source, str) else io.BytesIO(source))
+            check_size(image, name)
+            image.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{name}: refused as a decompression bomb ({e})") from e
+    except Exception as e:  # UnidentifiedImageError, truncated data, bad headers...
+        raise ImageError(f"{name}: cannot read image ({type(e).__name__}: {e})") from e
+    return upright_rgb(image, name)
+
+
+def prepare_image(image, name=None):
+    """Size checks, EXIF orientation and RGB conversion, for PIL images opened elsewhere."""
+    name = name or getattr(image, "filename", "") or "<image>"
+    check_size(image, name)
+    return upright_rgb(image, name)
 
 
 def normalize(image):

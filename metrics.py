@@ -7,8 +7,6 @@ the ground truth goes in as `pred` and the model output as `gt`. Its nltk calls 
   recall    = |distinct words of output & ground truth| / |distinct words of the output|
 fox_scores() reproduces that exactly (English: whitespace words; Fox uses jieba for Chinese, which is not here).
 """
-import re
-
 import numpy as np
 
 
@@ -49,8 +47,3 @@ def fox_scores(prediction, truth):
     recall = common / len(reference) if reference else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision and recall else 0.0
     return dict(precision=precision, recall=recall, f1=f1, edit_dist=normalized_edit_distance(truth, prediction))
-
-
-def strip_grounding(text):
-    """Drop <|ref|>..<|/ref|><|det|>..<|/det|> annotations, keeping the text (markdown for OmniDocBench)."""
-    return re.sub(r"<\|ref\|>.*?<\|/ref\|><\|det\|>.*?<\|/det\|>\n?", "", text)

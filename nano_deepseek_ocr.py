@@ -11,12 +11,10 @@ from dataclasses import dataclass, field, asdict
 import torch
 import torch.nn as nn
 
-from deepencoder.sam_vary_sdpa import ImageEncoderViT, SAMConfig
-from deepencoder.clip_sdpa import VitModel, CLIPConfig
-from deepencoder.build_linear import MlpProjector
-from gpt import GPT, GPTConfig, KVCache
-from image_process import DeepseekOCRProcessor
-from config import IMAGE_TOKEN
+from deepencoder.clip_sdpa import CLIPConfig
+from deepencoder.encoder import DeepEncoder
+from deepencoder.sam_vary_sdpa import SAMConfig
+from gpt import GPT, GPTConfig
 
 
 @dataclass
@@ -33,75 +31,6 @@ class NanoDeepseekOCRConfig:
     def from_dict(cls, d):
         sam = dict(d["sam"], global_attn_indexes=tuple(d["sam"]["global_attn_indexes"]))
         return cls(SAMConfig(**sam), CLIPConfig(**d["clip"]), GPTConfig(**d["gpt"]), d["image_token_id"])
-
-
-def tiny_encoder_configs():
-    """A DeepEncoder small enough for CPU tests and the demo; same patch size and compression, so same slot counts."""
-    sam = SAMConfig(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,), out_chans=32, net2_chans=64, net3_chans=128)
-    clip = CLIPConfig(hidden_size=128, num_layers=2, num_heads=2, ffn_dim=256)
-    return sam, clip
-
-
-def gpt_config_for_depth(depth, vocab_size, sequence_len):
-    """nanochat's sizing rule: width 64 per layer, 128-wide heads (d20 -> 1280 wide, 10 heads)."""
-    n_embd = depth * 64
-    n_head = max(1, (n_embd + 127) // 128)
-    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
-
-
-class DeepEncoder(nn.Module):
-    """(B, 3, S, S) views -> (B, (S/64)^2, n_embd): SAM grid -> CLIP over that grid -> concat [CLIP, SAM] -> projector."""
-    def __init__(self, sam_config, clip_config, n_embd):
-        super().__init__()
-        assert clip_config.hidden_size == sam_config.net3_chans, "CLIP takes the compressed SAM grid as its patch embeddings"
-        self.sam_model = ImageEncoderViT(sam_config)
-        self.vision_model = VitModel(clip_config)
-        self.projector = MlpProjector(sam_config.net3_chans + clip_config.hidden_size, n_embd)
-
-    def forward(self, pixel_values):
-        sam = self.sam_model(pixel_values)
-        clip = self.vision_model(sam)
-        features = torch.cat([clip[:, 1:], sam.flatten(2).transpose(1, 2)], dim=-1)  # CLIP first, as DeepSeek-OCR
-        return self.projector(features)
-
-    def freeze_sam(self):
-        """Stage 2: SAM + net_2 + net_3 stop training."""
-        self.sam_model.requires_grad_(False)
-
-    def init_weights(self):
-        for module in self.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        nn.init.normal_(self.sam_model.pos_embed, std=0.02)
-        for block in self.sam_model.blocks:
-            nn.init.zeros_(block.attn.rel_pos_h)  # SAM's rel_pos_zero_init
-            nn.init.zeros_(block.attn.rel_pos_w)
-        emb = self.vision_model.embeddings
-        nn.init.normal_(emb.class_embedding, std=emb.class_embedding.numel() ** -0.5)
-        nn.init.normal_(emb.position_embedding.weight, std=0.02)
-
-    def flops(self, size):
-        """Forward FLOPs for one size x size view, per part: sam (with neck and compressor), clip, projector."""
-        s, c = self.sam_model.config, self.vision_model.config
-        g = size // s.patch_size
-        C = s.embed_dim
-        sam = 2 * 3 * s.patch_size ** 2 * C * g * g
-        for i in range(s.depth):
-            w = g if i in s.global_attn_indexes else s.window_size
-            t_attn = g * g if w == g else math.ceil(g / w) ** 2 * w * w  # window blocks attend over padded windows
-            sam += 2 * C * 3 * C * t_attn + 2 * C * C * t_attn            # qkv, proj
-            sam += 4 * t_attn * w * w * C + 4 * t_attn * w * C            # attention, relative-position einsums
-            n_rel, n_stored = 2 * w - 1, 2 * (s.img_size // s.patch_size if w == g else s.window_size) - 1
-            sam += 2 * (2 * w * w * n_stored * C // s.num_heads)          # relative-position tables (h and w)
-            sam += 2 * (2 * w * w * n_rel * n_stored) if n_rel != n_stored else 0  # their resize
-            sam += 4 * C * int(C * s.mlp_ratio) * g * g                    # mlp
-        sam += 2 * C * s.out_chans * g * g + 2 * 9 * s.out_chans ** 2 * g * g
-        sam += 2 * 9 * s.out_chans * s.net2_chans * (g // 2) ** 2 + 2 * 9 * s.net2_chans * s.net3_chans * (g // 4) ** 2
-        q = g // 4
-        T, H = q * q + 1, c.hidden_size
-        clip = c.num_layers * (2 * H * 3 * H * T + 2 * H * H * T + 4 * H * c.ffn_dim * T + 4 * T * T * H)
-        projector = 2 * self.projector.layers.in_features * self.projector.layers.out_features * q * q
-        return dict(sam=sam, clip=clip, projector=projector)
 
 
 class NanoDeepseekOCR(nn.Module):
@@ -178,11 +107,12 @@ class NanoDeepseekOCR(nn.Module):
     # ---- optimizers and FLOPs --------------------------------------------------------------------
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, vision_lr=1e-4,
-                         weight_decay=0.0, adamw_only=False):
-        """GPT as nanochat (Muon on block matrices); the whole vision side, newline/separator included, on AdamW."""
+                         weight_decay=0.0, adamw_lr=None):
+        """GPT as nanochat (Muon on block matrices); the whole vision side, newline/separator included, on AdamW.
+        adamw_lr: AdamW for everything at that lr instead."""
         vision = [p for name, p in self.named_parameters() if not name.startswith("gpt.")]
         return self.gpt.setup_optimizers(unembedding_lr, embedding_lr, matrix_lr, weight_decay,
-                                         extra_adamw_groups=[dict(params=vision, lr=vision_lr)], adamw_only=adamw_only)
+                                         extra_adamw_groups=[dict(params=vision, lr=vision_lr)], adamw_lr=adamw_lr)
 
     def train_flops(self, num_tokens, seq_len, images):
         """
@@ -198,64 +128,6 @@ class NanoDeepseekOCR(nn.Module):
                 flops += 3 * f if trains[part] else f
         return flops
 
-    # ---- generation ------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def generate(self, prompts, images=None, max_new_tokens=256, stop_token_id=None, temperature=0.0, top_k=None,
-                 seed=42, no_repeat_ngram_size=0, ngram_window=90, ngram_whitelist=(), use_cache=True):
-        """
-        Batched generation. prompts: token id lists (left-padded together); images: image dicts in order of
-        appearance across the prompts. Images are encoded once at prefill, then each step decodes one token
-        with the KV cache (use_cache=False recomputes everything each step, for testing). The <image> logit
-        is never sampled. Returns the new token ids per prompt, without the stop token.
-        """
-        device = self.image_newline.device
-        B, L = len(prompts), max(len(p) for p in prompts)
-        pad = 0 if self.image_token_id != 0 else 1
-        ids = torch.full((B, L), pad, dtype=torch.long, device=device)
-        valid = torch.zeros(B, L, dtype=torch.bool, device=device)
-        for b, p in enumerate(prompts):
-            ids[b, L - len(p):] = torch.tensor(p, device=device)
-            valid[b, L - len(p):] = True
-        cfg = self.config.gpt
-        head_dim = cfg.n_embd // cfg.n_head
-        autocast = torch.is_autocast_enabled(device.type)  # keys/values come out in the autocast dtype when it is on
-        dtype = torch.get_autocast_dtype(device.type) if autocast else self.gpt.lm_head.weight.dtype
-
-        def new_cache(length, valid_mask):
-            return KVCache(B, cfg.n_kv_head, length, head_dim, cfg.n_layer, device, dtype, valid_mask)
-        rng = torch.Generator(device=device).manual_seed(seed)
-        embeds = self.embed(ids, images)
-        cache = new_cache(L + max_new_tokens, valid)
-        logits = self.gpt(inputs_embeds=embeds, kv_cache=cache)[:, -1]
-        out = [[] for _ in range(B)]
-        done = [False] * B
-        for step in range(max_new_tokens):
-            logits = logits.float()
-            logits[:, self.image_token_id] = -float("inf")
-            if no_repeat_ngram_size > 0:
-                for b in range(B):
-                    banned = no_repeat_ngram_bans(out[b], no_repeat_ngram_size, ngram_window, ngram_whitelist)
-                    if banned:
-                        logits[b, list(banned)] = -float("inf")
-            next_ids = sample_next(logits, temperature, top_k, rng)
-            for b in range(B):
-                if not done[b]:
-                    token = int(next_ids[b])
-                    if token == stop_token_id:
-                        done[b] = True
-                    else:
-                        out[b].append(token)
-            if all(done) or step == max_new_tokens - 1:
-                break
-            if use_cache:
-                logits = self.gpt(idx=next_ids[:, None], kv_cache=cache)[:, -1]
-            else:  # recompute the whole sequence, images included
-                ids = torch.cat([ids, next_ids[:, None]], dim=1)
-                valid = torch.cat([valid, valid.new_ones(B, 1)], dim=1)
-                logits = self.gpt(inputs_embeds=self.embed(ids, images), kv_cache=new_cache(ids.size(1), valid))[:, -1]
-        return out
-
 
 def image_views(image):
     """The views the encoder sees for one processed image: ("global", (3,S,S)), then ("tiles", (3,s,s)) per tile."""
@@ -264,38 +136,6 @@ def image_views(image):
     if (n_w, n_h) != (1, 1):  # a single tile would only repeat the global view
         for tile in image["images_crop"][:n_w * n_h]:
             yield "tiles", tile
-
-
-def sample_next(logits, temperature, top_k, rng):
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng)[:, 0]
-
-
-def no_repeat_ngram_bans(tokens, n, window, whitelist=()):
-    """DeepSeek-OCR's no-repeat n-gram rule: within the last `window` tokens, a token that would complete an
-    n-gram already seen is banned (unless whitelisted, e.g. table cells that legitimately repeat)."""
-    if len(tokens) < n:
-        return set()
-    prefix = tuple(tokens[-(n - 1):]) if n > 1 else ()
-    start = max(0, len(tokens) - window)
-    banned = {tokens[i + n - 1] for i in range(start, len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == prefix}
-    return banned - set(whitelist)
-
-
-def ocr(model, tokenizer, images, prompts, mode="base", max_new_tokens=512, **generate_kwargs):
-    """Read PIL images: prompts (one, or one per image) -> generated texts. The whole inference path in one call."""
-    processor = DeepseekOCRProcessor(mode)
-    prompts = [prompts] * len(images) if isinstance(prompts, str) else prompts
-    items = [processor.process_image(image) for image in images]
-    ids = [tokenizer.render_vision_pretraining(p if IMAGE_TOKEN in p else f"{IMAGE_TOKEN}\n{p}", 1 << 30, [it["num_image_tokens"]])[0]
-           for p, it in zip(prompts, items)]
-    outputs = model.generate(ids, items, max_new_tokens, stop_token_id=tokenizer.stop_token_id, **generate_kwargs)
-    return [tokenizer.decode(o) for o in outputs]
 
 
 def build_model(config, device="cpu"):

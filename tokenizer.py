@@ -9,6 +9,7 @@ import pickle
 import rustbpe
 import tiktoken
 
+from common import atomic_open
 from config import SPECIAL_TOKENS, VISION_TOKENS, GROUNDING_TOKENS, IMAGE_TOKEN, STOP_TOKEN
 
 # GPT-4's split pattern with \p{N}{1,2} instead of {1,3}: nanochat's choice for small vocabularies
@@ -67,10 +68,8 @@ class RustBPETokenizer:
 
     def save(self, tokenizer_dir):
         os.makedirs(tokenizer_dir, exist_ok=True)
-        path = os.path.join(tokenizer_dir, "tokenizer.pkl")
-        with open(path + ".tmp", "wb") as f:
+        with atomic_open(os.path.join(tokenizer_dir, "tokenizer.pkl"), "wb") as f:
             pickle.dump(self.enc, f)
-        os.replace(path + ".tmp", path)
 
     def get_vocab_size(self):
         return self.enc.n_vocab

@@ -12,30 +12,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from checkpoint import save_checkpoint, resolve_checkpoint, load_model, load_training_state, set_rng_state
+from checkpoint import save_checkpoint, resolve_checkpoint, load_model, load_training_state, set_rng_state, new_model
 from common import compute_init, compute_cleanup, print0, DummyWandb, append_report, autocast_context
-from config import checkpoint_dir, tokenizer_dir, MODES
+from config import checkpoint_dir, MODES
 from dataloader import VisionDataLoader
-from deepencoder.load_pretrained import load_sam, load_clip, load_deepseek_ocr_encoder
-from gpt import load_nanochat
-from image_process import DeepseekOCRProcessor
-from nano_deepseek_ocr import NanoDeepseekOCRConfig, build_model, tiny_encoder_configs, gpt_config_for_depth, ocr
-from deepencoder.sam_vary_sdpa import SAMConfig
-from deepencoder.clip_sdpa import CLIPConfig
-from image_process import load_image
-from tasks.common import VisionTaskMixture
-from tasks.synthetic import SyntheticPages, SyntheticChat
-from tasks.docbank import DocBank
-from tasks.olmocr import OlmOCR
-from tasks.llava_cc3m import LlavaCC3M
-from tasks.plotqa import PlotQA
-from tasks.chartqa import ChartQA
-from tasks.figureqa import FigureQA
-from tasks.pubtables import PubTables
-from tasks.latex_formulas import LatexFormulas
-from tasks.mathwriting import MathWriting
-from tasks.smoltalk import SmolTalk
-from tokenizer import RustBPETokenizer
+from engine import Engine
+from image_process import DeepseekOCRProcessor, ImageError, load_image
+from tasks.mixture import mixture
+from tasks.synthetic import SyntheticPages
 
 
 @dataclass
@@ -133,65 +117,12 @@ def peak_flops(device):
 
 
 def build_tasks(cfg, split, world_size):
-    """The training or validation mixture: synthetic pages, or the nine datasets (DocBank and olmOCR x2), plus text."""
+    """The training mixture, or the validation one: enough samples for the eval batches and the read-back."""
     n_eval = max(cfg.eval_batches * cfg.device_batch_size * world_size, cfg.sample_count, 1)
-    if cfg.data == "synthetic":
-        sizes = (cfg.synthetic_min_size, cfg.synthetic_max_size)
-        kinds = cfg.synthetic_kinds.split(",")
-        seed = cfg.seed if split == "train" else cfg.seed + 1  # validation pages differ from the training pages
-        tasks = [(SyntheticPages(cfg.num_synthetic if split == "train" else n_eval, seed, kinds, sizes), 1.0)]
-        text = SyntheticChat(cfg.num_synthetic if split == "train" else n_eval, seed)
-    elif cfg.data == "real":
-        weighted = [(DocBank, 2.0), (OlmOCR, 2.0), (LlavaCC3M, 1.0), (PlotQA, 1.0), (ChartQA, 1.0), (FigureQA, 1.0),
-                    (PubTables, 1.0), (LatexFormulas, 1.0), (MathWriting, 1.0)]
-        tasks = [(split_of(cls, split, cfg.max_samples or None), w) for cls, w in weighted]
-        text = SmolTalk("train" if split == "train" else "test", max_samples=cfg.max_samples or None)
-    else:
-        raise ValueError(f"--data must be synthetic or real, got {cfg.data!r}")
-    if cfg.text_fraction > 0:
-        tasks.append((text, cfg.text_fraction / (1 - cfg.text_fraction) * sum(w for _, w in tasks)))
-    num = None if split == "train" else n_eval
-    return VisionTaskMixture([t for t, _ in tasks], [w for _, w in tasks], num_samples=num, seed=cfg.seed)
-
-
-def split_of(cls, split, max_samples):
-    """A dataset's train or validation part; those without a validation split hold out their last 2% (up to 500)."""
-    if split == "train" or cls.val_split:
-        return cls(split="train" if split == "train" else cls.val_split, max_samples=max_samples)
-    task = cls(split="train", max_samples=max_samples)
-    n_val = min(500, max(1, len(task) // 50))
-    if split == "train":
-        task.stop = len(task) - n_val
-    else:
-        task.start = len(task) - n_val
-    return task
-
-
-def new_model(cfg, device):
-    """Tokenizer + model from the init sources of cfg (nanochat GPT, SAM + CLIP or DeepSeek-OCR's encoder)."""
-    nanochat = load_nanochat(cfg.init_gpt, None if cfg.init_gpt_step < 0 else cfg.init_gpt_step) if cfg.init_gpt else None
-    tokenizer = RustBPETokenizer.from_directory(cfg.tokenizer or (nanochat[2] if nanochat else tokenizer_dir()))
-    sam, clip = tiny_encoder_configs() if cfg.encoder == "tiny" else (SAMConfig(), CLIPConfig())
-    if nanochat:
-        gpt_config = nanochat[0].config
-        gpt_config.sequence_len = max(gpt_config.sequence_len, cfg.seq_len)
-    else:
-        gpt_config = gpt_config_for_depth(cfg.depth, max(tokenizer.get_vocab_size(), cfg.vocab_size), cfg.seq_len)
-    model = build_model(NanoDeepseekOCRConfig(sam, clip, gpt_config, tokenizer.image_token_id), device)
-    if nanochat:
-        model.gpt.load_state_dict(nanochat[0].state_dict())
-        model.gpt.resize_vocab(max(tokenizer.get_vocab_size(), cfg.vocab_size))  # append rows for the vision tokens
-        print0(f"GPT from nanochat {cfg.init_gpt} (vocab {nanochat[0].config.vocab_size} -> {tokenizer.get_vocab_size()})")
-    if cfg.init_encoder == "sam+clip":
-        for name, report in (("SAM", load_sam(model.encoder.sam_model, cfg.sam_source)),
-                             ("CLIP", load_clip(model.encoder.vision_model, cfg.clip_source))):
-            print0(f"{name}: {report['loaded']} tensors from {report['source']}; random init: {report['random_init'] or 'none'}")
-    elif cfg.init_encoder == "deepseek":
-        report = load_deepseek_ocr_encoder(model, cfg.deepseek_source)
-        print0(f"DeepEncoder: {report['loaded']} tensors from {report['source']}")
-    elif cfg.init_encoder != "random":
-        raise ValueError(f"--init_encoder must be sam+clip, deepseek or random, got {cfg.init_encoder!r}")
-    return model, tokenizer
+    synthetic = dict(num_samples=cfg.num_synthetic, kinds=cfg.synthetic_kinds.split(","),
+                     sizes=(cfg.synthetic_min_size, cfg.synthetic_max_size))
+    return mixture(cfg.data, split, cfg.seed, None if split == "train" else n_eval, cfg.text_fraction,
+                   cfg.max_samples, synthetic)
 
 
 @torch.no_grad()
@@ -204,7 +135,8 @@ def evaluate(model, cfg, val_task, tokenizer, rank, world_size, autocast):
     for _, batch in zip(range(cfg.eval_batches), loader):
         targets = batch["targets"].to(total.device)
         with autocast:
-            total[0] += model(batch["input_ids"].to(total.device), targets, batch["images"], loss_reduction="sum").float()
+            loss = model(batch["input_ids"].to(total.device), targets, batch["images"], loss_reduction="sum")
+        total[0] += loss.float()
         total[1] += (targets != -1).sum()
     if dist.is_initialized():
         dist.all_reduce(total)
@@ -224,11 +156,34 @@ def encoder_collapse(model, views, autocast):
     return ((sim.sum() - sim.diagonal().sum()) / (n * (n - 1))).item()
 
 
+def read_back(model, tokenizer, task, cfg, mode):
+    """Greedy-read a few training samples and print them against their ground truth (shows memorisation/progress).
+    A sample whose image cannot be read is reported and passed over."""
+    samples = [task[i] for i in range(min(cfg.sample_count, len(task)))]
+    pages = []
+    for i, sample in enumerate(samples):
+        if "image_path" not in sample:
+            continue
+        try:
+            pages.append((i, load_image(sample["image_path"]), sample["text"]))
+        except ImageError as e:
+            print0(f"  sample {i}: skipped, {e}")
+    model.eval()
+    pairs = []
+    for i, generated in sorted(Engine(model, tokenizer).read_iter(pages, mode, cfg.sample_tokens)):
+        expected = samples[i]["response"]
+        pairs.append((expected, generated))
+        print0(f"  sample {i}: {'EXACT' if generated == expected else 'differs'} | {generated[:100]!r}")
+    model.train()
+    return pairs
+
+
 def ranks_in_sync(model):
     """Whether every rank holds the same parameters (per-tensor float64 sum and sum of squares, compared across ranks)."""
     if not dist.is_initialized():
         return True
-    stats = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]) for p in model.parameters()])
+    stats = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                         for p in model.parameters()])
     gathered = [torch.zeros_like(stats) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, stats)
     return all(torch.equal(g, gathered[0]) for g in gathered)
@@ -245,7 +200,7 @@ def train(cfg):
         import wandb
         wandb_run = wandb.init(project="nano-deepseek-ocr", name=cfg.run, config=asdict(cfg))
 
-    # ---- model, tokenizer, optimizers, data (fresh, from a checkpoint of ours, or resumed) ----
+    # ---- model and tokenizer: new from the init sources, from a checkpoint of ours, or resumed ----
     start_step, state = 0, None
     if cfg.resume:
         ckpt = resolve_checkpoint(out_dir)
@@ -260,17 +215,16 @@ def train(cfg):
         model, tokenizer = new_model(cfg, device)
     if cfg.freeze_sam:
         model.encoder.freeze_sam()
-    model.encoder.sam_model.grad_checkpointing = cfg.activation_checkpointing
+    model.encoder.set_activation_checkpointing(cfg.activation_checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_params, n_train = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trainable)
-    print0(f"model: {n_params:,} parameters, {n_train:,} trainable ({'SAM frozen' if cfg.freeze_sam else 'nothing frozen'})")
-    optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.vision_lr,
-                                        cfg.weight_decay, adamw_only=cfg.optimizer == "adamw")
-    if cfg.optimizer == "adamw":
-        for group in optimizers[0].param_groups:
-            group["lr"] = group["initial_lr"] = cfg.adamw_lr
-    forward = torch.compile(model) if cfg.compile else model
+    frozen = "SAM frozen" if cfg.freeze_sam else "nothing frozen"
+    print0(f"model: {n_params:,} parameters, {n_train:,} trainable ({frozen})")
 
+    # ---- optimizers and data ----
+    optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.vision_lr,
+                                        cfg.weight_decay, adamw_lr=cfg.adamw_lr if cfg.optimizer == "adamw" else None)
+    forward = torch.compile(model) if cfg.compile else model
     modes = cfg.modes.split(",")
     for m in modes:
         if m not in MODES:
@@ -287,9 +241,10 @@ def train(cfg):
             opt.load_state_dict(opt_state)
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
-    print0(f"{len(train_task):,} training samples, batch {total_batch} = {cfg.device_batch_size} x {world_size} ranks x "
-           f"{grad_accum} accumulation steps, seq_len {cfg.seq_len}, modes {modes}")
+    print0(f"{len(train_task):,} training samples, batch {total_batch} = {cfg.device_batch_size} x {world_size} ranks "
+           f"x {grad_accum} accumulation steps, seq_len {cfg.seq_len}, modes {modes}")
 
+    # ---- the collapse watch: fixed distinct pages whose encoder outputs must stay apart ----
     collapse_pages = SyntheticPages(cfg.collapse_images, seed=12345, sizes=(768, 1024))
     processor = DeepseekOCRProcessor(modes[0])
     collapse_views = torch.stack([processor.process_image(load_image(collapse_pages[i]["image_path"]))["pixel_values"]
@@ -298,21 +253,25 @@ def train(cfg):
 
     # ---- the loop ----
     train_iter = iter(loader)
-    summary = dict(losses=[], steps=[], val_loss=None, collapse=None, samples=[])
+    summary = dict(losses=[], steps=[], val_loss=None, collapse=None, samples=[], start_step=start_step,
+                   n_params=n_params, n_train=n_train)
     t_start, dt_ema, step = time.time(), None, start_step
     while True:
+        # evaluate: validation loss, the collapse watch, and a read-back of training pages
         last = step >= cfg.num_iterations
         if cfg.eval_every > 0 and (last or step % cfg.eval_every == 0):
             summary["val_loss"] = evaluate(model, cfg, val_task, tokenizer, rank, world_size, autocast)
             summary["collapse"] = encoder_collapse(model, collapse_views, autocast)
             warn = "  WARNING: encoder outputs are collapsing" if summary["collapse"] > cfg.collapse_warn else ""
-            print0(f"step {step:05d} | val loss {summary['val_loss']:.4f} | encoder similarity {summary['collapse']:.4f}{warn}")
+            print0(f"step {step:05d} | val loss {summary['val_loss']:.4f} | "
+                   f"encoder similarity {summary['collapse']:.4f}{warn}")
             wandb_run.log(dict(step=step, val_loss=summary["val_loss"], encoder_similarity=summary["collapse"]))
             if master and cfg.sample_count > 0 and step > start_step:  # nothing worth reading before training
-                summary["samples"] = read_back(model, tokenizer, train_task, cfg, modes[0], autocast)
+                summary["samples"] = read_back(model, tokenizer, train_task, cfg, modes[0])
         if last:
             break
 
+        # forward and backward over grad_accum micro-batches
         t0 = time.time()
         loss_sum = torch.zeros((), device=device)
         flops, tokens, images = 0, 0, 0
@@ -326,6 +285,8 @@ def train(cfg):
             flops += model.train_flops(input_ids.numel(), input_ids.size(1), batch["images"])
             tokens += int((input_ids != loader.pad_id).sum())
             images += len(batch["images"])
+
+        # a non-finite loss on any rank stops every rank before the update
         bad = (~torch.isfinite(loss_sum)).float()
         if ddp:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -334,7 +295,9 @@ def train(cfg):
                    f"the last good checkpoint in {out_dir} is untouched")
             compute_cleanup()
             raise SystemExit(1)
-        for p in trainable:  # parameters this step did not reach (encoder on text-only batches) get zero gradients
+
+        # the update: zero gradients for what this step did not reach, clip, schedule, step
+        for p in trainable:  # parameters this step did not reach (encoder on text-only batches)
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         if cfg.grad_clip > 0:
@@ -352,22 +315,29 @@ def train(cfg):
         dt = time.time() - t0
         step += 1
 
+        # logging
         loss_value = loss_sum.item() / grad_accum
         summary["losses"].append(loss_value)
         dt_ema = dt if dt_ema is None else 0.9 * dt_ema + 0.1 * dt
         mfu_value = flops / dt / (peak * world_size) if peak else None
         mfu = f"{100 * mfu_value:.1f}%" if peak else "-"
         eta = dt_ema * (cfg.num_iterations - step)
+        skipped = f" | skipped {dict(loader.skipped)}" if loader.skipped else ""
         print0(f"step {step:05d}/{cfg.num_iterations} | loss {loss_value:.4f} | lrm {lrm:.3f} | "
                f"tok/s {tokens * world_size / dt:,.0f} | img/s {images * world_size / dt:.1f} | mfu {mfu} | "
-               f"dt {dt * 1000:.0f}ms | eta {eta / 60:.1f}m" + (f" | skipped {dict(loader.skipped)}" if loader.skipped else ""))
+               f"dt {dt * 1000:.0f}ms | eta {eta / 60:.1f}m" + skipped)
         wandb_run.log(dict(step=step, loss=loss_value, lrm=lrm, dt=dt, tokens_per_s=tokens * world_size / dt))
-        summary.update(final_loss=loss_value, tokens_per_s=tokens * world_size / dt, images_per_s=images * world_size / dt,
-                       mfu=mfu)
-        summary["steps"].append(dict(dt=dt, tokens_per_s=tokens * world_size / dt, images_per_s=images * world_size / dt, mfu=mfu_value))
+        summary.update(final_loss=loss_value, tokens_per_s=tokens * world_size / dt,
+                       images_per_s=images * world_size / dt, mfu=mfu)
+        summary["steps"].append(dict(dt=dt, tokens_per_s=tokens * world_size / dt,
+                                     images_per_s=images * world_size / dt, mfu=mfu_value))
+
+        # checkpoint
         if step == cfg.num_iterations or (cfg.save_every > 0 and step % cfg.save_every == 0):
-            meta = dict(train_config=asdict(cfg), train_loss=loss_value, val_loss=summary["val_loss"], world_size=world_size)
-            summary["checkpoint"] = save_checkpoint(out_dir, step, model, tokenizer, meta, optimizers, loader.state_dict(), rank)
+            meta = dict(train_config=asdict(cfg), train_loss=loss_value, val_loss=summary["val_loss"],
+                        world_size=world_size)
+            summary["checkpoint"] = save_checkpoint(out_dir, step, model, tokenizer, meta, optimizers,
+                                                    loader.state_dict(), rank)
             print0(f"saved {summary['checkpoint']}")
 
     summary["elapsed"] = time.time() - t_start
@@ -376,33 +346,23 @@ def train(cfg):
     if ddp:
         print0(f"parameters identical on all {world_size} ranks: {summary['ranks_in_sync']}")
     if master:
-        append_report(f"Training {cfg.stage} ({cfg.tag()})", [
-            f"- config: {', '.join(f'{k}={v}' for k, v in asdict(cfg).items())}",
-            f"- parameters: {n_params:,} ({n_train:,} trainable)",
-            f"- steps {start_step} -> {step}, {summary['elapsed'] / 60:.1f} min; "
-            f"final train loss {summary.get('final_loss', float('nan')):.4f}; val loss "
-            + ("-" if summary["val_loss"] is None else f"{summary['val_loss']:.4f}"),
-            f"- throughput: {summary.get('tokens_per_s', 0):,.0f} tok/s, {summary.get('images_per_s', 0):.1f} img/s, "
-            f"MFU {summary.get('mfu', '-')}",
-            f"- encoder similarity (collapse watch): {summary['collapse']}",
-            *[f"- sample: expected `{e[:80]!r}` / generated `{g[:80]!r}`" for e, g in summary["samples"]],
-        ])
+        write_report(cfg, summary)
     wandb_run.finish()
     compute_cleanup()
     return summary
 
 
-def read_back(model, tokenizer, task, cfg, mode, autocast):
-    """Greedy-read a few training samples and print them against their ground truth (shows memorisation/progress)."""
-    model.eval()
-    pairs = []
-    for i in range(min(cfg.sample_count, len(task))):
-        sample = task[i]
-        if "image_path" not in sample:
-            continue
-        with autocast:
-            generated = ocr(model, tokenizer, [load_image(sample["image_path"])], sample["text"], mode, cfg.sample_tokens)[0]
-        pairs.append((sample["response"], generated))
-        print0(f"  sample {i}: {'EXACT' if generated == sample['response'] else 'differs'} | {generated[:100]!r}")
-    model.train()
-    return pairs
+def write_report(cfg, summary):
+    """This stage's section of report.md."""
+    val = "-" if summary["val_loss"] is None else f"{summary['val_loss']:.4f}"
+    append_report(f"Training {cfg.stage} ({cfg.tag()})", [
+        f"- config: {', '.join(f'{k}={v}' for k, v in asdict(cfg).items())}",
+        f"- parameters: {summary['n_params']:,} ({summary['n_train']:,} trainable)",
+        f"- steps {summary['start_step']} -> {summary['start_step'] + len(summary['losses'])}, "
+        f"{summary['elapsed'] / 60:.1f} min; final train loss {summary.get('final_loss', float('nan')):.4f}; "
+        f"val loss {val}",
+        f"- throughput: {summary.get('tokens_per_s', 0):,.0f} tok/s, {summary.get('images_per_s', 0):.1f} img/s, "
+        f"MFU {summary.get('mfu', '-')}",
+        f"- encoder similarity (collapse watch): {summary['collapse']}",
+        *[f"- sample: expected `{e[:80]!r}` / generated `{g[:80]!r}`" for e, g in summary["samples"]],
+    ])

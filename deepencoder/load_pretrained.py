@@ -14,7 +14,7 @@ import re
 import torch
 from safetensors import safe_open
 
-from dataset import hub_snapshot
+from hub import hub_snapshot
 
 WEIGHT_PATTERNS = ["*.safetensors", "*.bin", "*.pth", "*.pt", "*.json"]
 
@@ -23,7 +23,8 @@ def weight_files(source):
     """A file, a directory, or a hub id -> the weight files (safetensors preferred over torch pickles)."""
     if os.path.isfile(source):
         return [source]
-    directory = source if os.path.isdir(source) else hub_snapshot(source, repo_type="model", allow_patterns=WEIGHT_PATTERNS)
+    directory = source if os.path.isdir(source) else hub_snapshot(
+        source, repo_type="model", allow_patterns=WEIGHT_PATTERNS, hint="or pass a local directory or file as the source")
     found = sorted(glob.glob(os.path.join(directory, "**", "*"), recursive=True))
     safetensors = [f for f in found if f.endswith(".safetensors")]
     pickles = [f for f in found if f.endswith((".bin", ".pth", ".pt"))]

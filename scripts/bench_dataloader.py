@@ -6,15 +6,13 @@ Target: >= 10 Base samples/s per core, so 8 loader cores outrun one H100.
   python -m scripts.bench_dataloader [--samples 64] [--batch_size 8]
 """
 import argparse
-import os
 import time
 
 import torch
 
-from config import tokenizer_dir
 from dataloader import SampleDataset, collate
-from tasks.synthetic import SyntheticPages, corpus
-from tokenizer import RustBPETokenizer
+from scripts.tok_train import load_or_train_tokenizer
+from tasks.synthetic import SyntheticPages
 
 
 def main():
@@ -25,10 +23,7 @@ def main():
     parser.add_argument("--seq_len", type=int, default=8192)
     args = parser.parse_args()
     torch.set_num_threads(1)  # one core: the number per core is what scales with loader workers
-    if os.path.exists(os.path.join(tokenizer_dir(), "tokenizer.pkl")):
-        tokenizer = RustBPETokenizer.from_directory(tokenizer_dir())
-    else:
-        tokenizer = RustBPETokenizer.train_from_iterator(corpus(2000), 4096)
+    tokenizer = load_or_train_tokenizer()
     pages = SyntheticPages(args.samples, seed=2024, sizes=(1000, 1700))  # page-sized scans, mostly above 1024 px
     for i in range(len(pages)):
         pages[i]  # render once, outside the timing

@@ -1,8 +1,10 @@
 """
-Generation speed at a tiny config on this machine: decode tokens/s with and without the KV cache, and the
-prefill time (image encoding + prompt) per image for each mode. Random weights: speed does not depend on them.
+Generation speed through the engine, random weights (speed does not depend on them): batch-1 latency (encode +
+prefill, then ms per decoded token) and pages/s through continuous batching at larger batches, per mode, with
+DeepSeek's n-gram rule on (20-grams, window 90). Every page decodes exactly --new_tokens tokens (no stop token).
 
-  python -m scripts.bench_generate [--tokens 64] [--depth 4]
+  python -m scripts.bench_generate                                               # tiny model, this CPU
+  python -m scripts.bench_generate --depth 20 --encoder full --device cuda      # the d20 figures of issue 11
 """
 import argparse
 import time
@@ -10,43 +12,71 @@ import time
 import torch
 from PIL import Image
 
+from common import autodetect_device_type
+from deepencoder.clip_sdpa import CLIPConfig
+from deepencoder.encoder import tiny_encoder_configs
+from deepencoder.sam_vary_sdpa import SAMConfig
+from engine import Engine
+from gpt import gpt_config_for_depth
 from image_process import DeepseekOCRProcessor
-from nano_deepseek_ocr import NanoDeepseekOCRConfig, build_model, tiny_encoder_configs, gpt_config_for_depth
-from tasks.synthetic import corpus
-from tokenizer import RustBPETokenizer
-from config import MODES, FREE_OCR
+from nano_deepseek_ocr import NanoDeepseekOCRConfig, build_model
+from scripts.tok_train import train_tokenizer
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--encoder", default="tiny", choices=["tiny", "full"])
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--vocab_size", type=int, default=0, help="GPT rows (65536 for d20's true cost); 0 = tokenizer's")
+    parser.add_argument("--modes", default="base,gundam")
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--batch_sizes", default="8", help="continuous-batching slot counts to measure")
+    parser.add_argument("--pages", type=int, default=16, help="pages per throughput measurement")
     args = parser.parse_args()
+    device = torch.device(args.device or autodetect_device_type())
     torch.manual_seed(0)
-    tokenizer = RustBPETokenizer.train_from_iterator(corpus(1000), 2048)
-    sam, clip = tiny_encoder_configs()
-    model = build_model(NanoDeepseekOCRConfig(sam, clip, gpt_config_for_depth(args.depth, tokenizer.get_vocab_size(), 4096),
-                                              tokenizer.image_token_id)).eval()
+    tokenizer = train_tokenizer(2048, num_docs=1000)
+    sam, clip = tiny_encoder_configs() if args.encoder == "tiny" else (SAMConfig(), CLIPConfig())
+    gpt = gpt_config_for_depth(args.depth, max(args.vocab_size, tokenizer.get_vocab_size()), 4096)
+    model = build_model(NanoDeepseekOCRConfig(sam, clip, gpt, tokenizer.image_token_id), device).eval()
     with torch.no_grad():
         model.gpt.lm_head.weight.normal_(0, 0.02)  # non-degenerate logits
-    page = Image.new("RGB", (1240, 1754), (255, 255, 255))
-    print(f"tiny DeepEncoder + d{args.depth} GPT, {torch.get_num_threads()} threads, {args.tokens} new tokens")
-    for mode in MODES:
-        item = DeepseekOCRProcessor(mode).process_image(page)
-        ids = tokenizer.render_vision_pretraining(f"<image>\n{FREE_OCR}", 1 << 30, [item["num_image_tokens"]])[0]
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)  # as the reading scripts run it
+    page = Image.new("RGB", (1240, 1754), (255, 255, 255))  # an A4 page at 150 dpi: Gundam tiles it 2 x 3
+    ngram = dict(no_repeat_ngram_size=20, ngram_window=90, stop_tokens=[])
+
+    def timed(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model.generate([ids], [item], max_new_tokens=1)
-        prefill = time.perf_counter() - t0
-        line = f"{mode:>7}: {item['num_image_tokens']:4d} slots, prefill {prefill * 1000:7.1f} ms"
-        if mode == "base":
-            speeds = {}
-            for use_cache in (True, False):
-                t0 = time.perf_counter()
-                out = model.generate([ids], [item], max_new_tokens=args.tokens + 1, use_cache=use_cache)[0]
-                speeds[use_cache] = (len(out) - 1) / (time.perf_counter() - t0 - prefill)
-            line += (f" | decode {speeds[True]:.1f} tok/s with KV cache, {speeds[False]:.1f} tok/s without "
-                     f"({speeds[True] / speeds[False]:.0f}x)")
-        print(line)
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return result, time.perf_counter() - t0
+
+    print(f"{args.encoder} DeepEncoder + d{args.depth} GPT (vocab {gpt.vocab_size}) on {device}, "
+          f"{args.new_tokens} new tokens per page, n-gram rule on")
+    print(f"{'mode':>7} {'slots':>6} {'batch':>6} {'prefill ms':>11} {'ms/token':>9} {'tokens/s':>10} {'pages/s':>8}")
+    for mode in args.modes.split(","):
+        item = DeepseekOCRProcessor(mode).process_image(page)
+        ids = tokenizer.render_vision_pretraining("<image>\nFree OCR.", 1 << 30, [item["num_image_tokens"]])[0]
+        # batch 1: encode + prefill (one new token), then the decode steps
+        engine = Engine(model, tokenizer, batch_size=1)
+        engine.generate([ids], [item], max_new_tokens=2, **ngram)  # warm-up: kernels, cache, CUDA graph
+        _, prefill = timed(lambda: engine.generate([ids], [item], max_new_tokens=1, **ngram))
+        out, total = timed(lambda: engine.generate([ids], [item], max_new_tokens=args.new_tokens, **ngram))
+        per_token = (total - prefill) / (len(out[0]) - 1)
+        print(f"{mode:>7} {item['num_image_tokens']:>6} {1:>6} {prefill * 1000:>11.1f} {per_token * 1000:>9.2f} "
+              f"{1 / per_token:>10,.0f} {1 / total:>8.2f}")
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
+            engine = Engine(model, tokenizer, batch_size=batch)
+            engine.generate([ids] * batch, [item] * batch, max_new_tokens=2, **ngram)
+            outs, dt = timed(lambda: engine.generate([ids] * args.pages, [item] * args.pages, args.new_tokens, **ngram))
+            tokens = sum(len(o) for o in outs)
+            print(f"{mode:>7} {item['num_image_tokens']:>6} {batch:>6} {'':>11} {'':>9} {tokens / dt:>10,.0f} "
+                  f"{args.pages / dt:>8.2f}")
 
 
 if __name__ == "__main__":

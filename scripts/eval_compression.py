@@ -7,31 +7,32 @@ Fox-style precision. Prints a table and saves a plot (precision against compress
 """
 import argparse
 import os
+import sys
 
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
-from checkpoint import load_for_inference
-from common import append_report
-from config import MODES, base_dir
-from image_process import load_image
+from common import append_report, run_command
+from config import base_dir
+from engine import add_reader_args, load_engine
+from image_process import load_image, vision_features
 from metrics import fox_scores
-from nano_deepseek_ocr import ocr
 from tasks.synthetic import SyntheticPages, font
 
 COLOURS = [(200, 40, 40), (40, 90, 200), (30, 150, 60), (200, 130, 0), (120, 40, 160)]
 
 
-def run(model, tokenizer, pages, modes, autocast, max_tokens):
+def run(engine, pages, modes, max_tokens):
     """[{mode, text_tokens, vision_features, precision}] for every page and mode."""
+    samples = [pages[i] for i in range(len(pages))]
     rows = []
-    for i in range(len(pages)):
-        sample = pages[i]
-        image, truth = load_image(sample["image_path"]), sample["response"]
-        for mode in modes:
-            with autocast:
-                answer = ocr(model, tokenizer, [image], sample["text"], mode, max_tokens)[0]
-            rows.append(dict(mode=mode, text_tokens=len(tokenizer.encode(truth)), vision_features=(MODES[mode]["base_size"] // 64) ** 2,
-                             precision=fox_scores(answer, truth)["precision"]))
+    for mode in modes:
+        stream = ((i, load_image(s["image_path"]), s["text"]) for i, s in enumerate(samples))
+        for i, answer in tqdm(engine.read_iter(stream, mode, max_tokens), total=len(samples), desc=mode, unit="page",
+                              file=sys.stderr):
+            truth = samples[i]["response"]
+            rows.append(dict(mode=mode, text_tokens=len(engine.tokenizer.encode(truth)),
+                             vision_features=vision_features(mode), precision=fox_scores(answer, truth)["precision"]))
     return rows
 
 
@@ -75,27 +76,26 @@ def plot(curves, path):
             d.line(xy, fill=colour, width=3)
         for x, y in xy:
             d.ellipse((x - 5, y - 5, x + 5, y + 5), fill=colour)
-        d.text((W - m - 150, m + 24 * i), f"{mode} ({(MODES[mode]['base_size'] // 64) ** 2} tokens)", font=f, fill=colour)
+        d.text((W - m - 150, m + 24 * i), f"{mode} ({vision_features(mode)} tokens)", font=f, fill=colour)
     image.save(path)
     return path
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="compression study on synthetic pages")
-    parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--pages", type=int, default=200)
     parser.add_argument("--modes", default="tiny,small,base")
     parser.add_argument("--bin_width", type=int, default=100)
-    parser.add_argument("--max_tokens", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=777)
     parser.add_argument("--out", default=None, help="where to save the plot (default: <base dir>/compression.png)")
-    parser.add_argument("--device", default=None)
+    add_reader_args(parser, max_tokens=1024)
     args = parser.parse_args(argv)
-    model, tokenizer, meta, autocast, checkpoint = load_for_inference(args.checkpoint, device=args.device)
+    engine, meta, checkpoint = load_engine(args)
     modes = args.modes.split(",")
     pages = SyntheticPages(args.pages, seed=args.seed, kinds=("document",), sizes=(768, 1024), doc_styles=("free",))
-    curves = binned(run(model, tokenizer, pages, modes, autocast, args.max_tokens), modes, args.bin_width)
-    lines = ["| text tokens | " + " | ".join(f"{m}: compression, precision (pages)" for m in modes) + " |", "|---|" + "---|" * len(modes)]
+    curves = binned(run(engine, pages, modes, args.max_tokens), modes, args.bin_width)
+    lines = ["| text tokens | " + " | ".join(f"{m}: compression, precision (pages)" for m in modes) + " |",
+             "|---|" + "---|" * len(modes)]
     for k, (lo, *_rest) in enumerate(curves[modes[0]]):
         lines.append(f"| {lo}-{lo + args.bin_width} | " + " | ".join(
             f"{curves[m][k][1]:.1f}x, {100 * curves[m][k][2]:.1f}% ({curves[m][k][3]})" for m in modes) + " |")
@@ -107,4 +107,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

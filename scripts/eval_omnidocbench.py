@@ -15,29 +15,32 @@ import argparse
 import json
 import os
 import re
+import sys
 
-from PIL import Image
+from tqdm import tqdm
 
-from checkpoint import load_for_inference
-from common import append_report
+from common import append_report, run_command
 from config import DOC_TO_MARKDOWN, MODES, base_dir
-from dataset import hub_snapshot
-from image_process import prepare_image
-from metrics import normalized_edit_distance, strip_grounding
-from nano_deepseek_ocr import ocr
+from engine import add_reader_args, load_engine, table_whitelist
+from grounding import strip_grounding
+from hub import hub_snapshot
+from image_process import ImageError, load_image
+from metrics import normalized_edit_distance
 
 TEXT_FIELDS = ("text", "latex", "html")
 
 
-def load_pages(source=None):
-    """(OmniDocBench.json path, [(page dict, PIL image)]) from a local copy or the hub."""
-    root = source or hub_snapshot("opendatalab/OmniDocBench", repo_type="dataset", allow_patterns=["OmniDocBench.json", "images/*"])
+def load_pages(source=None, max_pages=0):
+    """(OmniDocBench.json path, [(page dict, image path)]) from a local copy or the hub; images are opened later."""
+    root = source or hub_snapshot("opendatalab/OmniDocBench", repo_type="dataset",
+                                  allow_patterns=["OmniDocBench.json", "images/*"],
+                                  hint="or pass --data with a local copy of the dataset repository")
     path = os.path.join(root, "OmniDocBench.json")
     if not os.path.exists(path):
         raise SystemExit(f"{path} not found: --data must be a copy of the OmniDocBench dataset repository")
     with open(path, encoding="utf-8") as f:
-        pages = json.load(f)
-    return path, [(p, Image.open(os.path.join(root, "images", os.path.basename(p["page_info"]["image_path"])))) for p in pages]
+        pages = json.load(f)[:max_pages or None]
+    return path, [(p, os.path.join(root, "images", os.path.basename(p["page_info"]["image_path"]))) for p in pages]
 
 
 def plain(text):
@@ -53,20 +56,26 @@ def page_text(page):
     return plain(" ".join(next((b[k] for k in TEXT_FIELDS if b.get(k)), "") for b in sorted(blocks, key=lambda b: b["order"])))
 
 
-def predict(model, tokenizer, pages, mode, autocast, max_tokens, out_dir):
-    """Write <image stem>.md for every page; return [(page, markdown)]."""
+def predict(engine, pages, mode, max_tokens, out_dir):
+    """Write <image stem>.md for every page as it finishes; a page that cannot be read is reported and left out.
+    Returns [(page, markdown)] in the pages' order."""
     os.makedirs(out_dir, exist_ok=True)
-    outputs = []
-    for page, image in pages:
-        name = os.path.basename(page["page_info"]["image_path"])
-        with autocast:
-            text = ocr(model, tokenizer, [prepare_image(image, name)], DOC_TO_MARKDOWN, mode, max_tokens,
-                       no_repeat_ngram_size=20, ngram_window=90)[0]
-        markdown = strip_grounding(text)
+    by_name = {os.path.basename(image_path): page for page, image_path in pages}
+
+    def stream():
+        for page, image_path in pages:
+            try:
+                yield os.path.basename(image_path), load_image(image_path), DOC_TO_MARKDOWN
+            except ImageError as e:
+                print(f"skipping {e}", file=sys.stderr)
+    outputs = {}
+    for name, text in tqdm(engine.read_iter(stream(), mode, max_tokens, no_repeat_ngram_size=20, ngram_window=90,
+                                            ngram_whitelist=table_whitelist(engine.tokenizer)),
+                           total=len(pages), desc="OmniDocBench", unit="page", file=sys.stderr):
+        outputs[name] = strip_grounding(text)
         with open(os.path.join(out_dir, os.path.splitext(name)[0] + ".md"), "w", encoding="utf-8") as f:
-            f.write(markdown)
-        outputs.append((page, markdown))
-    return outputs
+            f.write(outputs[name])
+    return [(by_name[name], outputs[name]) for name in by_name if name in outputs]
 
 
 def quick_scores(outputs):
@@ -82,23 +91,21 @@ def quick_scores(outputs):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="OmniDocBench predictions for the official scorer, plus a quick text score")
-    parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--mode", default="base", choices=list(MODES))
     parser.add_argument("--data", default=None, help="a local copy of the dataset repository (default: download)")
     parser.add_argument("--max_pages", type=int, default=0)
-    parser.add_argument("--max_tokens", type=int, default=4096)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--device", default=None)
+    add_reader_args(parser, max_tokens=4096)
     args = parser.parse_args(argv)
-    model, tokenizer, meta, autocast, checkpoint = load_for_inference(args.checkpoint, device=args.device)
-    gt_path, pages = load_pages(args.data)
-    pages = pages[:args.max_pages or None]
+    gt_path, pages = load_pages(args.data, args.max_pages)
+    engine, meta, checkpoint = load_engine(args)
     out_dir = args.out or base_dir("eval", "omnidocbench", args.mode)
-    outputs = predict(model, tokenizer, pages, args.mode, autocast, args.max_tokens, out_dir)
+    outputs = predict(engine, pages, args.mode, args.max_tokens, out_dir)
     scores = quick_scores(outputs)
-    lines = [f"- {len(outputs)} pages, {args.mode} mode, checkpoint {checkpoint}; markdown in {out_dir}",
+    lines = [f"- {len(outputs)} of {len(pages)} pages, {args.mode} mode, checkpoint {checkpoint}; markdown in {out_dir}",
              "- quick text edit distance (not the official metric): " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()),
-             "- paper (official end2end, EN overall edit distance): Tiny 0.386, Small 0.221, Base 0.137, Large 0.138, Gundam 0.127",
+             "- paper (official end2end, EN overall edit distance): Tiny 0.386, Small 0.221, Base 0.137, Large 0.138, "
+             "Gundam 0.127",
              f"- official score: in OmniDocBench/, set configs/end2end.yaml ground_truth.data_path={gt_path} and "
              f"prediction.data_path={out_dir}, then `python pdf_validation.py --config configs/end2end.yaml`"]
     print("\n".join(lines))
@@ -107,4 +114,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -7,12 +7,9 @@ images/s, MFU and peak memory, as a table at the end. About 5 minutes on an H100
   python -m scripts.gpu_check --tiny         # a CPU dry run of the same path with the tiny model
 """
 import argparse
-import os
 import statistics
 
-from config import tokenizer_dir
-from tasks.synthetic import corpus
-from tokenizer import RustBPETokenizer
+from scripts.tok_train import load_or_train_tokenizer
 from train import TrainConfig, train
 
 
@@ -22,8 +19,7 @@ def main():
     parser.add_argument("--device_batch_size", type=int, default=4)
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
-    if not os.path.exists(os.path.join(tokenizer_dir(), "tokenizer.pkl")):
-        RustBPETokenizer.train_from_iterator(corpus(5000), 4096).save(tokenizer_dir())
+    load_or_train_tokenizer()
     common = dict(model_tag="gpu-check", init_encoder="random", modes="base", num_synthetic=512, synthetic_min_size=1000,
                   synthetic_max_size=1600, device_batch_size=args.device_batch_size, num_iterations=args.steps, warmup_steps=2,
                   eval_every=0, sample_count=0, save_every=0, num_workers=8, vocab_size=65536, activation_checkpointing=True)

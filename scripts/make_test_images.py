@@ -14,7 +14,7 @@ import random
 from PIL import Image, ImageDraw
 
 from config import DOC_TO_MARKDOWN, MARKDOWN_NO_GROUNDING, PARSE_FIGURE, FORMULA_TO_LATEX
-from tasks.common import grounded_block
+from grounding import grounded_block
 from tasks.synthetic import Page, font, draw_chart
 
 SYMBOLS = {"alpha": "\u03b1", "beta": "\u03b2", "pi": "\u03c0", "theta": "\u03b8", "sigma": "\u03c3", "cdot": "\u00b7", "pm": "\u00b1"}

@@ -1,37 +1,54 @@
 """
-OCR your own images with a trained checkpoint. Prints the text of each image; when the output carries
-grounding (<|ref|>label<|/ref|><|det|>[[x1, y1, x2, y2]]<|/det|>, boxes on a 0-999 grid of the image), also
-writes a copy of the image with the boxes drawn.
+OCR your own pages with a trained checkpoint: image files, directories of them, and PDFs (every page). Pages
+stream through the engine (continuous batching); each page's text goes to stdout and, with --out, to
+<out>/<name>.md (a PDF's pages to <name>_page001.md, ...). When the output carries grounding (boxes on a 0-999
+grid), a copy of the page with the boxes drawn is written beside the markdown. Problems go to stderr; the exit
+status is 1 when any input could not be read. Under torchrun the pages are split across the ranks.
 
-  python -m scripts.ocr page.png scan.jpg --mode base --prompt "Free OCR."
+  python -m scripts.ocr page.png > page.md
+  python -m scripts.ocr scans/ paper.pdf --mode base --out ocr_out/
   python -m scripts.ocr page.png --prompt "<|grounding|>Convert the document to markdown." --out boxes/
+  torchrun --standalone --nproc_per_node=8 -m scripts.ocr pdfs/ --out ocr_out/
 """
 import argparse
-import ast
 import os
-import re
+import sys
 
 from PIL import ImageDraw
+from tqdm import tqdm
 
-from checkpoint import load_for_inference
+from common import get_dist_info, run_command
 from config import MODES, FREE_OCR
-from image_process import load_image, ImageError
-from metrics import strip_grounding
-from nano_deepseek_ocr import ocr
+from engine import add_reader_args, load_engine, table_whitelist
+from grounding import grounding_boxes, strip_grounding
+from image_process import ImageError, load_image, prepare_image
 
-GROUNDING = re.compile(r"<\|ref\|>(.*?)<\|/ref\|><\|det\|>(.*?)<\|/det\|>", re.S)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
-def grounding_boxes(text, width, height):
-    """[(label, (x1, y1, x2, y2) in pixels)] from grounded output; malformed coordinates are skipped."""
-    boxes = []
-    for label, coords in GROUNDING.findall(text):
-        try:
-            for x1, y1, x2, y2 in ast.literal_eval(coords.strip()):
-                boxes.append((label, (x1 / 999 * width, y1 / 999 * height, x2 / 999 * width, y2 / 999 * height)))
-        except (ValueError, SyntaxError, TypeError):
-            continue
-    return boxes
+def pages_of(path):
+    """[(page name, load())] for a file or a directory (its images and PDFs, sorted); PDFs give one entry per page."""
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS + (".pdf",)))
+        return [page for n in names for page in pages_of(os.path.join(path, n))]
+    stem = os.path.splitext(path)[0]
+    if not path.lower().endswith(".pdf"):
+        return [(stem, lambda: load_image(path))]
+    import pypdfium2 as pdfium
+    try:
+        count = len(pdfium.PdfDocument(path))
+    except Exception as e:  # not a PDF, encrypted, damaged...
+        raise ImageError(f"{path}: cannot open PDF ({type(e).__name__}: {e})") from e
+    return [(f"{stem}_page{i + 1:03d}", lambda i=i: render_pdf_page(path, i)) for i in range(count)]
+
+
+def render_pdf_page(path, index, dpi=144):
+    import pypdfium2 as pdfium
+    try:
+        image = pdfium.PdfDocument(path)[index].render(scale=dpi / 72).to_pil()
+    except Exception as e:
+        raise ImageError(f"{path} page {index + 1}: cannot render ({type(e).__name__}: {e})") from e
+    return prepare_image(image, f"{path} page {index + 1}")
 
 
 def draw_boxes(image, boxes):
@@ -45,37 +62,68 @@ def draw_boxes(image, boxes):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="read text out of images with a trained nano-deepseek-ocr checkpoint")
-    parser.add_argument("paths", nargs="+")
+    parser = argparse.ArgumentParser(description="read text out of images and PDFs with a trained checkpoint")
+    parser.add_argument("paths", nargs="+", help="image files, directories of them, PDFs")
     parser.add_argument("--mode", default="base", choices=list(MODES))
     parser.add_argument("--prompt", default=FREE_OCR)
-    parser.add_argument("--checkpoint", default=None, help="checkpoint or run directory (default: the most recent run)")
-    parser.add_argument("--max_tokens", type=int, default=2048)
-    parser.add_argument("--out", default=None, help="directory for the images with boxes (default: next to each image)")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--out", default=None, help="directory for <page>.md and the images with boxes")
+    add_reader_args(parser, max_tokens=2048)
     args = parser.parse_args(argv)
-    model, tokenizer, _, autocast, _ = load_for_inference(args.checkpoint, device=args.device)
-    results = []
+    _, rank, local_rank, world_size = get_dist_info()
+
+    # every input is looked at before the model loads: a typo fails in a second, not after the load
+    failures, pages = 0, []
     for path in args.paths:
         try:
-            image = load_image(path)
+            if not os.path.exists(path):
+                raise ImageError(f"{path}: no such file or directory")
+            pages += pages_of(path)
         except ImageError as e:
-            print(f"skipping {e}")
-            continue
-        with autocast:
-            text = ocr(model, tokenizer, [image], args.prompt, args.mode, args.max_tokens,
-                       no_repeat_ngram_size=20, ngram_window=90)[0]
-        print(f"===== {path}\n{strip_grounding(text)}")
+            print(f"skipping {e}", file=sys.stderr)
+            failures += 1
+    pages = pages[rank::world_size]
+    if not pages:
+        raise SystemExit(1 if failures else "no pages to read")
+    if world_size > 1 and args.device is None:
+        args.device = f"cuda:{local_rank}"
+    engine, _, checkpoint = load_engine(args)
+    print(f"reading {len(pages)} page(s) with {checkpoint}", file=sys.stderr)
+
+    # pages are decoded only as slots free up; one that fails is reported and the others go on
+    images = {}
+
+    def stream():
+        nonlocal failures
+        for name, load in pages:
+            try:
+                images[name] = load()
+            except ImageError as e:
+                print(f"skipping {e}", file=sys.stderr)
+                failures += 1
+                continue
+            yield name, images[name], args.prompt
+
+    results = []
+    for name, text in tqdm(engine.read_iter(stream(), args.mode, args.max_tokens, no_repeat_ngram_size=20,
+                                            ngram_window=90, ngram_whitelist=table_whitelist(engine.tokenizer)),
+                           total=len(pages), desc="pages", unit="page", file=sys.stderr, disable=len(pages) == 1):
+        image = images.pop(name)
+        print((f"===== {name}\n" if len(pages) > 1 else "") + strip_grounding(text), flush=True)
+        out_stem = os.path.join(args.out, os.path.basename(name)) if args.out else None
+        if out_stem:
+            os.makedirs(args.out, exist_ok=True)
+            with open(out_stem + ".md", "w", encoding="utf-8") as f:
+                f.write(strip_grounding(text))
         boxes = grounding_boxes(text, image.width, image.height)
         if boxes:
-            out_dir = args.out or os.path.dirname(os.path.abspath(path))
-            os.makedirs(out_dir, exist_ok=True)
-            out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + "_boxes.png")
-            draw_boxes(image, boxes).save(out)
-            print(f"({len(boxes)} boxes drawn -> {out})")
-        results.append((path, text))
-    return results
+            boxes_path = (out_stem or name) + "_boxes.png"
+            draw_boxes(image, boxes).save(boxes_path)
+            print(f"({len(boxes)} boxes drawn -> {boxes_path})", file=sys.stderr)
+        results.append((name, text))
+    if failures:
+        print(f"{failures} input(s) could not be read", file=sys.stderr)
+    return results, failures
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if run_command(main)[1] else 0)

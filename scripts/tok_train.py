@@ -13,14 +13,6 @@ from config import tokenizer_dir
 from tasks.synthetic import corpus
 from tokenizer import RustBPETokenizer
 
-parser = argparse.ArgumentParser(description="train a BPE tokenizer on local text")
-parser.add_argument("--vocab_size", type=int, default=4096)
-parser.add_argument("--input", action="append", default=[], help="text file or directory of .txt/.md files (repeatable)")
-parser.add_argument("--num_docs", type=int, default=20000, help="synthetic documents to include")
-parser.add_argument("--max_chars", type=int, default=200_000_000)
-parser.add_argument("--out", default=None)
-args = parser.parse_args()
-
 
 def local_files(paths):
     for path in paths:
@@ -33,33 +25,54 @@ def local_files(paths):
             raise SystemExit(f"--input {path}: no such file or directory")
 
 
-def documents():
-    yield from corpus(args.num_docs)
-    for path in local_files(args.input):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            yield f.read()
-
-
-def texts():
-    """Documents up to max_chars, with a progress line every 1M characters."""
+def texts(num_docs, inputs=(), max_chars=200_000_000, progress=False):
+    """The synthetic corpus, then the local files, up to max_chars (a progress line every 1M characters)."""
+    def documents():
+        yield from corpus(num_docs)
+        for path in local_files(inputs):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                yield f.read()
     seen, reported = 0, 0
     for doc in documents():
-        doc = doc[:args.max_chars - seen]
+        doc = doc[:max_chars - seen]
         seen += len(doc)
-        if seen - reported >= 1_000_000:
+        if progress and seen - reported >= 1_000_000:
             reported = seen
             print(f"\rread {seen / 1e6:.1f}M characters", end="", flush=True)
         yield doc
-        if seen >= args.max_chars:
+        if seen >= max_chars:
             return
 
 
-t0 = time.time()
-tokenizer = RustBPETokenizer.train_from_iterator(texts(), args.vocab_size)
-out = args.out or tokenizer_dir()
-tokenizer.save(out)
-sample = "# Results\n\nThe model reads <table><tr><td>42</td></tr></table> and \\frac{a}{b}."
-ids = tokenizer.encode(sample)
-assert tokenizer.decode(ids) == sample
-print(f"\ntrained a {tokenizer.get_vocab_size()}-token tokenizer in {time.time() - t0:.1f}s -> {out}/tokenizer.pkl")
-print(f"{len(sample)} characters -> {len(ids)} tokens ({len(sample) / len(ids):.2f} chars/token)")
+def train_tokenizer(vocab_size, num_docs=20000, inputs=(), max_chars=200_000_000, progress=False):
+    return RustBPETokenizer.train_from_iterator(texts(num_docs, inputs, max_chars, progress), vocab_size)
+
+
+def load_or_train_tokenizer(vocab_size=4096):
+    """The base dir's trained tokenizer; on a fresh machine, one trained on the synthetic corpus and saved there."""
+    if not os.path.exists(os.path.join(tokenizer_dir(), "tokenizer.pkl")):
+        train_tokenizer(vocab_size, num_docs=5000).save(tokenizer_dir())
+    return RustBPETokenizer.from_directory(tokenizer_dir())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="train a BPE tokenizer on local text")
+    parser.add_argument("--vocab_size", type=int, default=4096)
+    parser.add_argument("--input", action="append", default=[], help="text file or directory of .txt/.md files (repeatable)")
+    parser.add_argument("--num_docs", type=int, default=20000, help="synthetic documents to include")
+    parser.add_argument("--max_chars", type=int, default=200_000_000)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    t0 = time.time()
+    tokenizer = train_tokenizer(args.vocab_size, args.num_docs, args.input, args.max_chars, progress=True)
+    out = args.out or tokenizer_dir()
+    tokenizer.save(out)
+    sample = "# Results\n\nThe model reads <table><tr><td>42</td></tr></table> and \\frac{a}{b}."
+    ids = tokenizer.encode(sample)
+    assert tokenizer.decode(ids) == sample
+    print(f"\ntrained a {tokenizer.get_vocab_size()}-token tokenizer in {time.time() - t0:.1f}s -> {out}/tokenizer.pkl")
+    print(f"{len(sample)} characters -> {len(ids)} tokens ({len(sample) / len(ids):.2f} chars/token)")
+
+
+if __name__ == "__main__":
+    main()

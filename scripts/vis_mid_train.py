@@ -7,7 +7,7 @@ unless --init_from says otherwise.
   torchrun --standalone --nproc_per_node=8 -m scripts.vis_mid_train --data=real --total_batch_size=640
 """
 from checkpoint import list_checkpoints
-from common import parse_overrides
+from common import parse_overrides, run_command
 from config import checkpoint_dir
 from train import TrainConfig, train
 

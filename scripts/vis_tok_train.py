@@ -6,7 +6,7 @@ newline/separator, GPT) on vision data only, seq_len 4096, warmup + cosine.
   torchrun --standalone --nproc_per_node=8 -m scripts.vis_tok_train --init_gpt=... --data=real --total_batch_size=1280
   python -m scripts.vis_tok_train --encoder=tiny --depth=4 --modes=tiny --num_iterations=100   # CPU toy
 """
-from common import parse_overrides
+from common import parse_overrides, run_command
 from train import TrainConfig, train
 
 if __name__ == "__main__":

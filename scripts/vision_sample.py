@@ -1,7 +1,7 @@
 """
 Read the 9 test images (data/test_images, one per dataset category) with a trained checkpoint and show
 prompt, EXPECTED, GENERATED and EXACT / PARTIAL (normalised edit distance) for each, a summary, and an HTML
-page with every image beside its texts (differences highlighted).
+page with the summary on top and every image beside its texts (word-level differences highlighted).
 
   python -m scripts.vision_sample                          # the most recent checkpoint
   python -m scripts.vision_sample --checkpoint DIR --model_step 300 --mode base --max_tokens 512
@@ -13,13 +13,13 @@ import html
 import io
 import json
 import os
+import re
 
-from checkpoint import load_for_inference
-from common import append_report
+from common import append_report, run_command
 from config import MODES, base_dir
+from engine import add_reader_args, load_engine
 from image_process import load_image, ImageError
 from metrics import normalized_edit_distance, exact_match
-from nano_deepseek_ocr import ocr
 
 DEFAULT_IMAGES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "test_images")
 
@@ -38,17 +38,24 @@ def load_test_set(directory):
 
 
 def diff_html(expected, generated):
-    """Generated text with what differs from the expected text highlighted."""
+    """Generated text with what differs from the expected text highlighted, word by word (whitespace kept)."""
+    a, b = re.findall(r"\s+|\S+", expected), re.findall(r"\s+|\S+", generated)
     out = []
-    for op, a0, a1, b0, b1 in difflib.SequenceMatcher(None, expected, generated, autojunk=False).get_opcodes():
+    for op, a0, a1, b0, b1 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
         if op == "equal":
-            out.append(html.escape(generated[b0:b1]))
+            out.append(html.escape("".join(b[b0:b1])))
         else:
             if a1 > a0:
-                out.append(f"<del>{html.escape(expected[a0:a1])}</del>")
+                out.append(f"<del>{html.escape(''.join(a[a0:a1]))}</del>")
             if b1 > b0:
-                out.append(f"<ins>{html.escape(generated[b0:b1])}</ins>")
+                out.append(f"<ins>{html.escape(''.join(b[b0:b1]))}</ins>")
     return "".join(out)
+
+
+def summary_line(rows):
+    n_exact = sum(r["exact"] for r in rows)
+    mean_ned = sum(r["ned"] for r in rows) / len(rows)
+    return f"{n_exact}/{len(rows)} exact, mean normalised edit distance {mean_ned:.3f}"
 
 
 def verdict(row):
@@ -70,47 +77,41 @@ def write_html(path, rows, title):
         f.write(f"""<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif}} td{{vertical-align:top;padding:8px;border-bottom:1px solid #ccc}}
 pre{{white-space:pre-wrap;max-width:800px;background:#f6f6f6;padding:6px}} del{{background:#fbb}} ins{{background:#bfb}}</style>
-<h1>{html.escape(title)}</h1><table>{''.join(cells)}</table>""")
+<h1>{html.escape(title)}</h1><p><b>summary: {summary_line(rows)}</b></p><table>{''.join(cells)}</table>""")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="read the test images with a trained model")
-    parser.add_argument("--checkpoint", default=None, help="checkpoint or run directory (default: the most recent run)")
-    parser.add_argument("--model_step", type=int, default=None, help="which step of the run (default: the last)")
     parser.add_argument("--mode", default="base", choices=list(MODES))
-    parser.add_argument("--max_tokens", type=int, default=512)
     parser.add_argument("--images", default=DEFAULT_IMAGES)
     parser.add_argument("--html", default=None, help="where to write the HTML page (default: <base dir>/vision_sample.html)")
-    parser.add_argument("--device", default=None)
+    add_reader_args(parser, max_tokens=512)
     args = parser.parse_args(argv)
 
     tests = load_test_set(args.images)
-    model, tokenizer, meta, autocast, checkpoint = load_for_inference(args.checkpoint, args.model_step, args.device)
+    engine, meta, checkpoint = load_engine(args)
     print(f"checkpoint {checkpoint} (step {meta['step']}), mode {args.mode}")
+    try:
+        images = {name: load_image(os.path.join(args.images, name)) for name in tests}
+    except ImageError as e:
+        raise SystemExit(str(e))
+    generated = dict(engine.read_iter([(name, images[name], spec["prompt"]) for name, spec in tests.items()],
+                                      args.mode, args.max_tokens))
     rows = []
     for i, (name, spec) in enumerate(tests.items(), start=1):
-        try:
-            image = load_image(os.path.join(args.images, name))
-        except ImageError as e:
-            raise SystemExit(str(e))
-        with autocast:
-            generated = ocr(model, tokenizer, [image], spec["prompt"], args.mode, args.max_tokens)[0]
-        ned = normalized_edit_distance(generated, spec["expected"])
-        exact = exact_match(generated, spec["expected"])
-        rows.append(dict(spec, name=name, image=image, generated=generated, ned=ned, exact=exact))
+        ned = normalized_edit_distance(generated[name], spec["expected"])
+        exact = exact_match(generated[name], spec["expected"])
+        rows.append(dict(spec, name=name, image=images[name], generated=generated[name], ned=ned, exact=exact))
         print(f"[{i}/{len(tests)}] {spec['dataset']}\nPROMPT: {spec['prompt']}\nEXPECTED: {spec['expected']}\n"
-              f"GENERATED: {generated}\nMATCH: {verdict(rows[-1])}\n")
-    n_exact = sum(r["exact"] for r in rows)
-    mean_ned = sum(r["ned"] for r in rows) / len(rows)
-    print(f"summary: {n_exact}/{len(rows)} exact, mean normalised edit distance {mean_ned:.3f}")
+              f"GENERATED: {generated[name]}\nMATCH: {verdict(rows[-1])}\n")
+    print(f"summary: {summary_line(rows)}")
     out = args.html or os.path.join(base_dir(), "vision_sample.html")
     write_html(out, rows, f"vision_sample: {checkpoint} step {meta['step']}, {args.mode} mode")
     print(f"wrote {out}")
-    append_report("vision_sample", [f"- checkpoint {checkpoint}, mode {args.mode}: {n_exact}/{len(rows)} exact, "
-                                    f"mean normalised edit distance {mean_ned:.3f}"] +
+    append_report("vision_sample", [f"- checkpoint {checkpoint}, mode {args.mode}: {summary_line(rows)}"] +
                   [f"- {r['dataset']}: {verdict(r)} | `{r['generated'][:100]!r}`" for r in rows])
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -1,5 +1,5 @@
 """
-nanochat's Task pattern: a task is an indexable list of samples; mixtures combine tasks.
+nanochat's Task pattern: a task is an indexable list of samples; VisionTaskMixture combines them by weight.
 Vision sample: {"text": "<image>\\n<prompt>", "response": str, "image_path": str}
 Text sample:   {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}
 """
@@ -9,7 +9,10 @@ import os
 
 import numpy as np
 
-from dataset import read_jsonl, prepare_samples, load_hf_dataset, hub_file, hub_list_files
+from dataset import read_jsonl, prepare_samples
+from hub import load_hf_dataset, hub_file, hub_list_files
+
+HINT = "or pass a local copy of the dataset repository (scripts.prepare_data --source NAME=DIR)"
 
 
 class Task:
@@ -65,46 +68,25 @@ class PreparedTask(JsonlTask):
     def __init__(self, split="train", max_samples=None, source=None, **kwargs):
         self.source = source or self.hf_id
         key = f"{self.name}-{split}" + (f"-{max_samples}" if max_samples else "")
-        super().__init__(prepare_samples(key, self.rows(split), self.to_sample, max_samples), **kwargs)
+        super().__init__(prepare_samples(key, lambda: self.rows(split), self.to_sample, max_samples), **kwargs)
 
     def local(self):
         return os.path.isdir(self.source)
 
     def rows(self, split):
         # a local directory holds one config's files, so the config name only applies on the hub
-        return load_hf_dataset(self.source, None if self.local() else self.config_name, split=split)
+        return load_hf_dataset(self.source, None if self.local() else self.config_name, split=split, hint=HINT)
 
     def file(self, filename):
         """A file of the dataset repo: from the local directory, or downloaded (and cached) from the hub."""
-        return os.path.join(self.source, filename) if self.local() else hub_file(self.source, filename)
+        return os.path.join(self.source, filename) if self.local() else hub_file(self.source, filename, hint=HINT)
 
     def list_files(self):
-        return sorted(os.listdir(self.source)) if self.local() else hub_list_files(self.source)
+        return sorted(os.listdir(self.source)) if self.local() else hub_list_files(self.source, hint=HINT)
 
     @staticmethod
     def to_sample(row, index, image_dir):
         raise NotImplementedError
-
-
-def grounded_block(kind, markdown, box):
-    """DeepSeek-OCR's grounding output for one block: its type, its box on a 0-999 grid, then its text."""
-    return f"<|ref|>{kind}<|/ref|><|det|>[{[int(v) for v in box]}]<|/det|>\n{markdown}"
-
-
-class TaskMixture(Task):
-    """nanochat's mixture: all examples of all tasks, shuffled once with a fixed seed. List a task twice to double it."""
-    def __init__(self, tasks, seed=42, **kwargs):
-        super().__init__(**kwargs)
-        self.tasks = tasks
-        self.index = [(t, i) for t, task in enumerate(tasks) for i in range(len(task))]
-        np.random.default_rng(seed).shuffle(self.index)
-
-    def num_examples(self):
-        return len(self.index)
-
-    def get_example(self, index):
-        t, i = self.index[index]
-        return self.tasks[t][i]
 
 
 class VisionTaskMixture(Task):

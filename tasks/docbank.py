@@ -9,9 +9,11 @@ import os
 import shutil
 import zipfile
 
+from common import atomic_open
 from config import DOC_TO_MARKDOWN, data_dir
 from dataset import save_image
-from tasks.common import PreparedTask, grounded_block
+from grounding import grounded_block
+from tasks.common import PreparedTask
 
 MARKDOWN_PREFIX = {"title": "# ", "section": "## "}
 REF_TYPE = {"title": "title", "section": "sub_title", "equation": "equation", "table": "table", "caption": "image_caption"}
@@ -48,11 +50,10 @@ class DocBank(PreparedTask):
             raise FileNotFoundError(f"{self.source}: no DocBank_500K_ori_img.zip.* parts")
         joined = os.path.join(data_dir(self.name), "DocBank_500K_ori_img.zip")
         if not os.path.exists(joined):
-            with open(joined + ".tmp", "wb") as out:
+            with atomic_open(joined, "wb") as out:
                 for part in parts:
                     with open(self.file(part), "rb") as f:
                         shutil.copyfileobj(f, out)
-            os.replace(joined + ".tmp", joined)
         return joined
 
     def rows(self, split):

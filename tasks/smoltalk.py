@@ -1,12 +1,12 @@
 """SmolTalk (HuggingFaceTB/smol-smoltalk): nanochat's conversations, the text-only part of stage 2."""
-from dataset import load_hf_dataset
-from tasks.common import Task
+from hub import load_hf_dataset
+from tasks.common import HINT, Task
 
 
 class SmolTalk(Task):
     def __init__(self, split="train", max_samples=None, source="HuggingFaceTB/smol-smoltalk", **kwargs):
         super().__init__(**kwargs)
-        ds = load_hf_dataset(source, split=split, streaming=False).shuffle(seed=42)
+        ds = load_hf_dataset(source, split=split, streaming=False, hint=HINT).shuffle(seed=42)
         self.ds = ds.select(range(min(max_samples, len(ds)))) if max_samples else ds
 
     def num_examples(self):

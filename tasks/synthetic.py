@@ -11,8 +11,10 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from common import atomic_open
 from config import FREE_OCR, MARKDOWN_NO_GROUNDING, DOC_TO_MARKDOWN, PARSE_FIGURE, FORMULA_TO_LATEX, data_dir
-from tasks.common import Task, grounded_block
+from grounding import grounded_block
+from tasks.common import Task
 
 WORDS = """the of and to in is that for it as was with be by on not he this are or his from at which but have an they
 you were her she there been one all we their has would when if so no will more can who its out into time only some
@@ -260,12 +262,10 @@ class SyntheticPages(Task):
                 return json.load(f)
         image, prompt, response = make_sample(self.seed, index, self.kinds, self.sizes, self.doc_styles)
         sample = dict(text=f"<image>\n{prompt}", response=response, image_path=path)
-        tmp = f".{os.getpid()}.tmp"  # loader workers may render the same page: write, then rename
-        image.save(path + tmp, format="PNG")
-        os.replace(path + tmp, path)
-        with open(meta_path + tmp, "w") as f:  # written last: its presence means the page is complete
+        with atomic_open(path, "wb") as f:  # loader workers may render the same page
+            image.save(f, format="PNG")
+        with atomic_open(meta_path) as f:  # written last: its presence means the page is complete
             json.dump(sample, f)
-        os.replace(meta_path + tmp, meta_path)
         return sample
 
 

@@ -11,14 +11,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from gpt import GPTConfig  # noqa: E402
-from nano_deepseek_ocr import NanoDeepseekOCRConfig, build_model, tiny_encoder_configs  # noqa: E402
-from tasks.synthetic import corpus  # noqa: E402
-from tokenizer import RustBPETokenizer  # noqa: E402
+from deepencoder.encoder import tiny_encoder_configs  # noqa: E402
+from nano_deepseek_ocr import NanoDeepseekOCRConfig, build_model  # noqa: E402
+from scripts.tok_train import train_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    return RustBPETokenizer.train_from_iterator(corpus(1000), 512)
+    return train_tokenizer(512, num_docs=1000)
 
 
 @pytest.fixture(scope="session")

@@ -367,12 +367,12 @@ def test_bad_samples_are_skipped_and_counted(pages, tokenizer, tmp_path):
     loader = VisionDataLoader(task, tokenizer, "small", batch_size=6, seq_len=100, shuffle=False)  # 111 slots never fit 100
     it = iter(loader)
     batches = [next(it) for _ in range(2)]
-    assert all(b["input_ids"].shape[0] == 1 and b["num_samples"] == 0 for b in batches)
+    assert all(b["input_ids"].shape[0] == 1 and len(b["images"]) == 0 for b in batches)
     assert (batches[0]["targets"] == -1).all()
     assert loader.skipped == {"image does not fit seq_len": 7, "missing image": 1, "unreadable image": 2,
                               "empty response": 1, "malformed sample": 1}
     ok = VisionDataLoader(ListTask(pages[:6] + bad), tokenizer, "tiny", batch_size=12, seq_len=200, shuffle=False)
     batch = next(iter(ok))
-    assert batch["num_samples"] == 7 and len(batch["images"]) == 7
+    assert batch["input_ids"].shape[0] == 7 and len(batch["images"]) == 7
     assert dict(ok.skipped) == {"missing image": 1, "unreadable image": 2, "empty response": 1, "malformed sample": 1}
     assert any("missing.png" in d for d in batch["skip_details"])

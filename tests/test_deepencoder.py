@@ -6,11 +6,12 @@ from safetensors.torch import save_file
 from transformers import CLIPConfig as HFCLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 from transformers import SamConfig as HFSamConfig, SamModel, SamVisionConfig
 
+import hub
 from deepencoder.build_linear import MlpProjector
 from deepencoder.clip_sdpa import CLIPConfig, VitModel, build_clip_l
 from deepencoder.load_pretrained import load_clip, load_deepseek_ocr_encoder, load_sam
 from deepencoder.sam_vary_sdpa import ImageEncoderViT, SAMConfig, build_sam_vit_b
-from nano_deepseek_ocr import DeepEncoder, tiny_encoder_configs
+from deepencoder.encoder import DeepEncoder, tiny_encoder_configs
 
 n_params = lambda module: sum(p.numel() for p in module.parameters())
 
@@ -162,11 +163,28 @@ def test_deepseek_layout_round_trips(tmp_path, make_model):
 
 
 def test_offline_hub_fails_fast_with_a_hint():
-    sam = ImageEncoderViT(SAMConfig(embed_dim=16, depth=1, num_heads=1, global_attn_indexes=(0,), out_chans=8, net2_chans=8, net3_chans=8))
+    sam = ImageEncoderViT(SAMConfig(embed_dim=16, depth=1, num_heads=1, global_attn_indexes=(0,), out_chans=8, net2_chans=8,
+                                    net3_chans=8))
     t0 = time.time()
     with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE"):
         load_sam(sam, "facebook/sam-vit-base")
     assert time.time() - t0 < 20
+
+
+def test_no_network_is_detected_once_and_fails_in_a_second(monkeypatch):
+    """Without HF_HUB_OFFLINE, a hub that does not answer (here: a closed local port) is one clear error at once."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    hub.hub_status.cache_clear()
+    try:
+        t0 = time.time()
+        with pytest.raises(hub.HubUnavailable, match="no network") as error:
+            hub.hub_file("some/dataset", "data.zip", hint="or pass --data DIR")
+        assert time.time() - t0 < 1.0
+        assert "--data DIR" in str(error.value) and error.value.__cause__ is None and error.value.__suppress_context__
+        assert hub.hub_status() == "unreachable"
+    finally:
+        hub.hub_status.cache_clear()
 
 
 def test_freeze_sam_and_unused_patch_embedding():
@@ -181,7 +199,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     grads = []
     for checkpointing in (False, True):
         encoder = tiny_encoder(7).train()
-        encoder.sam_model.grad_checkpointing = checkpointing
+        encoder.set_activation_checkpointing(checkpointing)
         encoder(torch.randn(2, 3, 512, 512, generator=torch.Generator().manual_seed(0))).square().mean().backward()
         grads.append([p.grad.clone() for p in encoder.sam_model.parameters()])
     for a, b in zip(*grads):

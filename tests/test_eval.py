@@ -9,7 +9,9 @@ import pytest
 from PIL import Image
 
 from checkpoint import save_checkpoint
-from metrics import edit_distance, normalized_edit_distance, fox_scores, exact_match, strip_grounding
+from engine import Engine
+from grounding import strip_grounding
+from metrics import edit_distance, normalized_edit_distance, fox_scores, exact_match
 from scripts import eval_compression, eval_fox, eval_omnidocbench, vision_sample
 from scripts.make_test_images import test_images as render_test_images
 from tasks.synthetic import SyntheticPages
@@ -110,9 +112,7 @@ def test_fox_runner_on_a_fixture(make_model, tokenizer, tmp_path):
     pages = fox_fixture(tmp_path / "focus_benchmark_test.zip")
     loaded = eval_fox.load_pages(str(tmp_path / "focus_benchmark_test.zip"))
     assert [(n, t) for n, _, t in loaded] == pages
-    model = make_model().eval()
-    from contextlib import nullcontext
-    results = eval_fox.evaluate(model, tokenizer, loaded, ["tiny", "small"], nullcontext(), 5, str(tmp_path / "out"))
+    results = eval_fox.evaluate(Engine(make_model().eval(), tokenizer), loaded, ["tiny", "small"], 5, str(tmp_path / "out"))
     for mode, vision in (("tiny", 73), ("small", 111)):
         saved = json.load(open(tmp_path / "out" / f"fox_en_page_{mode}.json"))
         assert [r["label"] for r in saved] == [t for _, t in pages]
@@ -131,8 +131,7 @@ def test_omnidocbench_runner_on_a_fixture(make_model, tokenizer, tmp_path):
     (tmp_path / "OmniDocBench.json").write_text(json.dumps(gt))
     gt_path, pages = eval_omnidocbench.load_pages(str(tmp_path))
     assert eval_omnidocbench.page_text(pages[0][0]) == "Hello World wide 1"
-    from contextlib import nullcontext
-    outputs = eval_omnidocbench.predict(make_model().eval(), tokenizer, pages, "tiny", nullcontext(), 5, str(tmp_path / "md"))
+    outputs = eval_omnidocbench.predict(Engine(make_model().eval(), tokenizer), pages, "tiny", 5, str(tmp_path / "md"))
     assert os.listdir(tmp_path / "md") == ["doc_a.md"]
     assert (tmp_path / "md" / "doc_a.md").read_text() == outputs[0][1]
     scores = eval_omnidocbench.quick_scores([(gt[0], "# Hello\n\nWorld wide\n\n<table><tr><td>1</td></tr></table>")])
@@ -141,9 +140,8 @@ def test_omnidocbench_runner_on_a_fixture(make_model, tokenizer, tmp_path):
 
 
 def test_compression_study_runs(make_model, tokenizer, tmp_path):
-    from contextlib import nullcontext
     pages = SyntheticPages(3, seed=9, kinds=("document",), sizes=(700, 800), doc_styles=("free",))
-    rows = eval_compression.run(make_model().eval(), tokenizer, pages, ["tiny", "small"], nullcontext(), 4)
+    rows = eval_compression.run(Engine(make_model().eval(), tokenizer), pages, ["tiny", "small"], 4)
     assert len(rows) == 6 and {r["vision_features"] for r in rows} == {64, 100}
     curves = eval_compression.binned(rows, ["tiny", "small"], 1000)
     assert curves["tiny"][0][3] == 3 and curves["small"][0][1] < curves["tiny"][0][1]  # more vision tokens, less compression

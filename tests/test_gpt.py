@@ -5,7 +5,8 @@ import pickle
 import pytest
 import torch
 
-from gpt import GPT, GPTConfig, KVCache, load_nanochat
+from checkpoint import load_nanochat
+from gpt import GPT, GPTConfig, KVCache
 
 
 def small_gpt(seed=0, vocab=97, n_kv_head=2):
@@ -45,19 +46,26 @@ def test_inputs_embeds_equals_idx():
         model(idx, inputs_embeds=embeds)
 
 
+def new_cache(model, rows, length):
+    cfg = model.config
+    return KVCache(cfg.n_layer, rows, cfg.n_kv_head, length, cfg.n_embd // cfg.n_head, "cpu", torch.float32)
+
+
 def greedy(model, prompt, steps, use_cache):
     ids = list(prompt)
     if not use_cache:
         for _ in range(steps):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
         return ids[len(prompt):]
-    cfg = model.config
-    cache = KVCache(1, cfg.n_kv_head, len(prompt) + steps, cfg.n_embd // cfg.n_head, cfg.n_layer, "cpu", torch.float32)
-    logits = model(torch.tensor([ids]), kv_cache=cache)[0, -1]
+    cache = new_cache(model, 1, len(prompt) + steps)
+    with cache.prefilling(torch.tensor([0])):
+        logits = model(torch.tensor([ids]), kv_cache=cache)[0, -1]
+    cache.lengths[0] = len(prompt)
     out = []
     for _ in range(steps):
         out.append(int(logits.argmax()))
         logits = model(torch.tensor([[out[-1]]]), kv_cache=cache)[0, -1]
+        cache.lengths += 1
     return out
 
 
@@ -69,21 +77,23 @@ def test_generation_with_and_without_kv_cache(n_kv_head):
         assert greedy(model, prompt, 20, use_cache=True) == greedy(model, prompt, 20, use_cache=False)
 
 
-def test_left_padded_batch_matches_single_rows():
+def test_right_padded_batch_matches_single_rows():
+    """Prompts of different lengths prefilled together (right-padded), then decoded at their own positions."""
     model = small_gpt()
     prompts = [[5, 17, 3, 88, 42, 9], [7, 1]]
-    cfg = model.config
     L = max(map(len, prompts))
     ids = torch.zeros(2, L, dtype=torch.long)
-    valid = torch.zeros(2, L, dtype=torch.bool)
     for b, p in enumerate(prompts):
-        ids[b, L - len(p):] = torch.tensor(p)
-        valid[b, L - len(p):] = True
+        ids[b, :len(p)] = torch.tensor(p)
     with torch.no_grad():
-        cache = KVCache(2, cfg.n_kv_head, L, cfg.n_embd // cfg.n_head, cfg.n_layer, "cpu", torch.float32, valid)
-        batched = model(ids, kv_cache=cache)[:, -1]
+        cache = new_cache(model, 2, L + 1)
+        with cache.prefilling(torch.tensor([0, 1])):
+            prefill = model(ids, kv_cache=cache)
+        cache.lengths[:] = torch.tensor([len(p) for p in prompts])
+        batched = model(torch.tensor([[11], [12]]), kv_cache=cache)[:, -1]
         for b, p in enumerate(prompts):
-            torch.testing.assert_close(batched[b], model(torch.tensor([p]))[0, -1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(prefill[b, len(p) - 1], model(torch.tensor([p]))[0, -1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(batched[b], model(torch.tensor([p + [11 + b]]))[0, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_resize_vocab_keeps_old_logits():

@@ -14,7 +14,9 @@ from checkpoint import load_model, resolve_checkpoint, save_checkpoint, list_che
 from config import checkpoint_dir
 from gpt import GPT, GPTConfig
 from image_process import DeepseekOCRProcessor, load_image
-from nano_deepseek_ocr import DeepEncoder, NanoDeepseekOCR, tiny_encoder_configs, ocr
+from deepencoder.encoder import DeepEncoder, tiny_encoder_configs
+from engine import Engine
+from nano_deepseek_ocr import NanoDeepseekOCR
 from tasks.synthetic import SyntheticPages
 from train import train, lr_multiplier, TrainConfig
 from conftest import tiny_train_config
@@ -29,7 +31,8 @@ def test_tier1_overfit_reproduces_every_text(overfit_run):
     assert meta["step"] == cfg.num_iterations
     pages = SyntheticPages(cfg.num_synthetic, cfg.seed, cfg.synthetic_kinds.split(","), (cfg.synthetic_min_size, cfg.synthetic_max_size))
     samples = [pages[i] for i in range(len(pages))]
-    generated = ocr(model.eval(), tokenizer, [load_image(s["image_path"]) for s in samples], [s["text"] for s in samples], "tiny", 64)
+    generated = Engine(model.eval(), tokenizer).read([load_image(s["image_path"]) for s in samples], [s["text"] for s in samples],
+                                                     "tiny", 64)
     assert generated == [s["response"] for s in samples]
     assert len(set(generated)) == len(samples)  # it reads each page, not one memorised answer
 

@@ -1,0 +1,266 @@
+"""
+Generation (nanochat's name for it): pages stream through a fixed number of slots. A new page's images are
+encoded and its prompt prefilled into a free slot of a preallocated KV cache; then every slot decodes one token
+per step at its own position, and the step is one CUDA graph replay on a GPU. Stops and DeepSeek's no-repeat
+n-gram rule are tensor ops over the whole batch, and the host looks at the batch only every `sync_every` steps:
+to hand back finished pages and give their slots to the next ones (continuous batching).
+
+  engine = Engine(model, tokenizer)
+  texts = engine.read(images, "Free OCR.", mode="base", max_new_tokens=512)
+  for key, text in engine.read_iter(pages, "base", 512): ...   # pages: (key, PIL image, prompt), any length
+"""
+import argparse
+import itertools
+from collections.abc import Sized
+from contextlib import nullcontext
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from checkpoint import load_model, resolve_checkpoint
+from common import autodetect_device_type
+from config import IMAGE_TOKEN
+from gpt import KVCache
+from image_process import DeepseekOCRProcessor
+
+
+class Engine:
+    def __init__(self, model, tokenizer, batch_size=64, sync_every=8, cuda_graph=True):
+        self.model, self.tokenizer = model, tokenizer
+        self.device = model.image_newline.device
+        self.batch_size, self.sync_every = batch_size, sync_every
+        self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        cuda = self.device.type == "cuda"
+        # bf16 autocast on CUDA (weights may be fp32 while training); its cast cache cannot live inside a CUDA graph
+        self.autocast = torch.autocast("cuda", torch.bfloat16, cache_enabled=False) if cuda else nullcontext()
+        # decode attends with a fixed-shape mask: a fused kernel that takes masks, not one planned per shape
+        self.kernels = sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) if cuda else nullcontext()
+        self.cache = self.graph = None
+
+    # ---- reading pages ---------------------------------------------------------------------------
+
+    def read_iter(self, pages, mode="base", max_new_tokens=512, **generate_kwargs):
+        """pages: iterable of (key, PIL image, prompt), consumed only as slots free up. Yields (key, text) as each
+        page finishes, in finishing order."""
+        processor = DeepseekOCRProcessor(mode)
+
+        def requests():
+            for key, image, prompt in pages:
+                item = processor.process_image(image)
+                text = prompt if IMAGE_TOKEN in prompt else f"{IMAGE_TOKEN}\n{prompt}"
+                ids = self.tokenizer.render_vision_pretraining(text, 1 << 30, [item["num_image_tokens"]])[0]
+                yield key, ids, [item]
+        batch = min(self.batch_size, len(pages)) if isinstance(pages, Sized) else self.batch_size
+        for key, tokens in self.generate_iter(requests(), max_new_tokens, batch_size=batch, **generate_kwargs):
+            yield key, self.tokenizer.decode(tokens)
+
+    def read(self, images, prompts, mode="base", max_new_tokens=512, **generate_kwargs):
+        """PIL images and one prompt (or one per image) -> their texts, in order."""
+        prompts = [prompts] * len(images) if isinstance(prompts, str) else prompts
+        done = dict(self.read_iter([(i, im, p) for i, (im, p) in enumerate(zip(images, prompts))], mode, max_new_tokens,
+                                   **generate_kwargs))
+        return [done[i] for i in range(len(images))]
+
+    def generate(self, prompts, images=(), max_new_tokens=256, **generate_kwargs):
+        """Token id prompts (and the processed images their <image> slots take, in order) -> new token ids, in order."""
+        images, requests = iter(images), []
+        for i, ids in enumerate(prompts):
+            slots, mine = sum(t == self.model.image_token_id for t in ids), []
+            while sum(item["num_image_tokens"] for item in mine) < slots:
+                mine.append(next(images))
+            requests.append((i, ids, mine))
+        done = dict(self.generate_iter(requests, max_new_tokens, batch_size=min(self.batch_size, len(prompts)),
+                                       **generate_kwargs))
+        return [done[i] for i in range(len(prompts))]
+
+    # ---- the batch loop --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_iter(self, requests, max_new_tokens, batch_size=None, temperature=0.0, top_k=None, seed=42,
+                      stop_tokens=None, no_repeat_ngram_size=0, ngram_window=90, ngram_whitelist=()):
+        """
+        requests: iterable of (key, prompt ids, processed images). Yields (key, new token ids without the stop token)
+        as each request finishes (a stop token, or max_new_tokens). Greedy unless temperature > 0. The <image> token
+        is never generated; with no_repeat_ngram_size n, a token completing an n-gram already generated within the
+        last ngram_window tokens is banned (DeepSeek-OCR's rule; ngram_whitelist tokens are exempt).
+        """
+        S = batch_size or self.batch_size
+        dev = self.device
+        stops = torch.tensor(stop_tokens if stop_tokens is not None else [self.tokenizer.stop_token_id], device=dev)
+        whitelist = torch.tensor(list(ngram_whitelist), dtype=torch.long, device=dev)
+        W = max(ngram_window, no_repeat_ngram_size)  # the ngram rule looks at the last W generated tokens
+        # per-slot state on the device: generated tokens and their count, the last W of them, finished flags
+        out = torch.zeros(S, max_new_tokens, dtype=torch.long, device=dev)
+        n_out = torch.zeros(S, dtype=torch.long, device=dev)
+        recent = torch.zeros(S, W, dtype=torch.long, device=dev)
+        done = torch.ones(S, dtype=torch.bool, device=dev)
+        rng = torch.Generator(device=dev).manual_seed(seed)
+        owner = [None] * S  # the request key each slot is working on
+        pending = iter(requests)
+
+        def choose(logits, n_out, recent):
+            logits = logits.float()
+            banned = ngram_bans(recent, n_out, no_repeat_ngram_size, whitelist, self.model.image_token_id)
+            logits.scatter_(1, banned, -float("inf"))  # the <image> token is always in `banned`
+            return sample(logits, temperature, top_k, rng)
+
+        def record(rows, token):
+            """Append each row's new token unless the row is finished; a stop token or a full row finishes it."""
+            going = ~done[rows]
+            write = going & ~torch.isin(token, stops)
+            column = n_out[rows].clamp(max=max_new_tokens - 1)
+            out[rows, column] = torch.where(write, token, out[rows, column])
+            n_out[rows] += write
+            done[rows] |= going & ~write | (n_out[rows] >= max_new_tokens)
+            recent[rows] = torch.where(write[:, None], torch.cat([recent[rows, 1:], token[:, None]], 1), recent[rows])
+            return write
+
+        while True:
+            # admit new requests into the free slots: encode their images, prefill their prompts, first token
+            free = [s for s in range(S) if owner[s] is None]
+            new = list(itertools.islice(pending, len(free)))
+            if new:
+                rows = torch.tensor(free[:len(new)], device=dev)
+                for s, (key, _, _) in zip(free, new):
+                    owner[s] = key
+                logits = self.prefill(rows, [r[1] for r in new], [im for r in new for im in r[2]], S, max_new_tokens)
+                n_out[rows], done[rows], recent[rows] = 0, False, 0
+                self.tokens[rows] = choose(logits, n_out[rows], recent[rows])[:, None]
+                record(rows, self.tokens[rows, 0])
+            if all(o is None for o in owner):
+                return
+            # decode sync_every steps without looking: finished rows just stop recording
+            for _ in range(self.sync_every):
+                logits = self.decode()
+                token = choose(logits, n_out, recent)
+                self.cache.lengths += record(self.rows, token)
+                self.tokens[:, 0] = token
+            # one look at the batch: hand back the finished requests and free their slots
+            finished = done.cpu().tolist()
+            counts = n_out.cpu().tolist()
+            for s in range(S):
+                if owner[s] is not None and finished[s]:
+                    yield owner[s], out[s, :counts[s]].tolist()
+                    owner[s] = None
+
+    # ---- model calls -----------------------------------------------------------------------------
+
+    def prefill(self, rows, prompts, images, S, max_new_tokens):
+        """Encode the images and run the prompts (right-padded) into the cache rows `rows`; last-token logits."""
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        T = max(len(p) for p in prompts)
+        self.ensure_cache(S, T + max_new_tokens)
+        ids = torch.full((len(prompts), T), self.tokenizer.get_bos_token_id(), dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p, device=self.device)
+        gpt = self.model.gpt
+        with self.autocast, self.cache.prefilling(rows):
+            hidden = gpt.hidden(inputs_embeds=self.model.embed(ids, images), kv_cache=self.cache)
+            logits = gpt.logits(hidden[torch.arange(len(prompts), device=self.device), lengths - 1])
+        self.cache.lengths[rows] = lengths
+        return logits
+
+    def ensure_cache(self, S, length):
+        """A cache of S rows that holds `length` positions: made (or grown, keeping what it holds) when needed."""
+        if self.cache is not None and self.cache.k.size(1) == S and self.cache.k.size(3) >= length:
+            return
+        cfg = self.model.gpt.config
+        dtype = torch.bfloat16 if self.device.type == "cuda" else self.model.gpt.lm_head.weight.dtype
+        length = -(-length // 128) * 128  # whole blocks, so a slightly longer page does not regrow it
+        grow = self.cache is not None and self.cache.k.size(1) == S  # rows at work keep their keys and next tokens
+        old, old_tokens = self.cache, getattr(self, "tokens", None)
+        self.cache = KVCache(cfg.n_layer, S, cfg.n_kv_head, length, cfg.n_embd // cfg.n_head, self.device, dtype)
+        self.rows = self.cache.rows
+        self.tokens = torch.zeros(S, 1, dtype=torch.long, device=self.device)  # each slot's next input token
+        if grow:
+            self.cache.k[..., :old.k.size(3), :] = old.k
+            self.cache.v[..., :old.v.size(3), :] = old.v
+            self.cache.lengths.copy_(old.lengths)
+            self.tokens.copy_(old_tokens)
+        self.graph = None
+
+    def decode_forward(self):
+        with self.autocast, self.kernels:
+            return self.model.gpt.logits(self.model.gpt.hidden(idx=self.tokens, kv_cache=self.cache)[:, -1])
+
+    def decode(self):
+        """Logits for every slot's next token, from self.tokens at each row's position (one graph replay on CUDA)."""
+        if not self.cuda_graph:
+            return self.decode_forward()
+        if self.graph is None:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm up outside the graph; re-inserting the same keys changes nothing
+                self.decode_forward()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.graph_logits = self.decode_forward()
+        self.graph.replay()
+        return self.graph_logits
+
+
+def ngram_bans(recent, n_generated, n, whitelist, always_banned):
+    """
+    (rows, k) token ids to ban per row: DeepSeek-OCR's no-repeat n-gram rule over `recent`, each row's last W
+    generated tokens (right-aligned, n_generated of them real): a token that would complete an n-gram seen in the
+    window is banned unless whitelisted. Non-bans are filled with `always_banned` (the <image> token), so one
+    scatter applies both rules at a fixed shape.
+    """
+    rows, W = recent.shape
+    if n <= 0:
+        return torch.full((rows, 1), always_banned, dtype=torch.long, device=recent.device)
+    windows = recent.unfold(1, n, 1)  # (rows, W - n + 1, n)
+    match = (windows[..., :n - 1] == recent[:, W - n + 1:].unsqueeze(1)).all(-1)
+    start = torch.arange(W - n + 1, device=recent.device)
+    match &= start >= (W - n_generated).clamp(min=0)[:, None]  # windows wholly inside the generated tokens
+    match &= ~torch.isin(windows[..., -1], whitelist)
+    return torch.where(match, windows[..., -1], always_banned)
+
+
+def sample(logits, temperature, top_k, rng):
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng)[:, 0]
+
+
+def table_whitelist(tokenizer):
+    """DeepSeek-OCR exempts <td> and </td> from the n-gram rule (table cells repeat): their ids where single tokens."""
+    return [ids[0] for ids in (tokenizer.encode("<td>"), tokenizer.encode("</td>")) if len(ids) == 1]
+
+
+# ---- what every reading script shares ------------------------------------------------------------
+
+def positive_int(value):
+    if not value.isdigit() or int(value) <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def add_reader_args(parser, max_tokens):
+    parser.add_argument("--checkpoint", default=None, help="checkpoint or run directory (default: the most recent run)")
+    parser.add_argument("--model_step", type=int, default=None, help="which step of the run (default: the last)")
+    parser.add_argument("--device", default=None, help="cuda, cpu or mps (default: the best there is)")
+    parser.add_argument("--max_tokens", type=positive_int, default=max_tokens, help="new tokens per page at most")
+    parser.add_argument("--batch_size", type=positive_int, default=64, help="pages decoded together")
+
+
+def load_engine(args):
+    """(Engine, checkpoint meta, checkpoint path) from add_reader_args' options; a bad choice exits with the reason."""
+    device = torch.device(args.device or autodetect_device_type())
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: this torch has no CUDA device (torch {torch.__version__})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"--device {args.device}: MPS is not available here")
+    try:
+        checkpoint = resolve_checkpoint(args.checkpoint, args.model_step)
+    except FileNotFoundError as e:
+        raise SystemExit(f"no trained model to read with: {e}")
+    model, tokenizer, meta = load_model(checkpoint, device)
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)  # inference only: bf16 weights halve what every decode step reads
+    return Engine(model.eval(), tokenizer, batch_size=args.batch_size), meta, checkpoint
