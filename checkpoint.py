@@ -4,11 +4,14 @@ Checkpoints: one directory per step holding
   meta.json           step, model config, training config, metrics
   tokenizer.pkl       so a checkpoint is self-contained
   rank000.pt, ...     each rank's optimizer state, data loader state and RNG state
+  checksums.json      the SHA-256 of every other file, checked before anything is loaded
 Written as step_XXXXXX.tmp and renamed when complete: a crash mid-save leaves the previous checkpoint as it was.
+A damaged checkpoint is named with its bad file; a run directory resolves to its newest checkpoint that verifies.
 Every model is built here: from our checkpoints (inference, resume, stage 2), from a nanochat base checkpoint,
 or new from its init sources (a nanochat GPT, SAM + CLIP or DeepSeek-OCR's encoder, or random).
 """
 import glob
+import hashlib
 import json
 import os
 import random
@@ -20,7 +23,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file, load_file
 
-from common import print0
+from common import UserError, print0
 from config import base_dir, tokenizer_dir
 from deepencoder.clip_sdpa import CLIPConfig
 from deepencoder.encoder import tiny_encoder_configs
@@ -52,14 +55,31 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(out_dir, step, model, tokenizer, meta, optimizers=(), loader_state=None, rank=0):
-    """Every rank calls this (collective when distributed). Returns the checkpoint directory."""
+MANIFEST = "checksums.json"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is incomplete or damaged; the message names the file."""
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(out_dir, step, model, tokenizer, meta, optimizers=(), loader_state=None, rank=0, keep=0):
+    """Every rank calls this (collective when distributed). keep > 0 deletes all but the newest `keep` checkpoints.
+    Returns the checkpoint directory."""
     final = os.path.join(out_dir, f"step_{step:06d}")
     tmp = final + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, os.path.join(tmp, "model.safetensors"))
         tokenizer.save(tmp)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(dict(meta, step=step, model_config=model.config.to_dict()), f, indent=2)
@@ -68,11 +88,37 @@ def save_checkpoint(out_dir, step, model, tokenizer, meta, optimizers=(), loader
                os.path.join(tmp, f"rank{rank:03d}.pt"))
     barrier()
     if rank == 0:
+        # the manifest comes last: every file is complete by now
+        checksums = {name: sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(checksums, f, indent=1)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
+        for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
     barrier()
     return final
+
+
+def verify_checkpoint(checkpoint):
+    """Check every file against the manifest; raise CheckpointError naming the first one missing or changed.
+    A checkpoint written before manifests existed passes with a warning."""
+    manifest = os.path.join(checkpoint, MANIFEST)
+    if not os.path.exists(manifest):
+        print0(f"warning: {checkpoint} has no {MANIFEST} (written before checksums existed): not verified")
+        return
+    try:
+        with open(manifest) as f:
+            expected = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{manifest}: unreadable ({e}); the checkpoint cannot be trusted")
+    for name, digest in expected.items():
+        path = os.path.join(checkpoint, name)
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path}: missing from the checkpoint")
+        if sha256(path) != digest:
+            raise CheckpointError(f"{path}: damaged (its SHA-256 is not the one recorded when it was written)")
 
 
 def list_checkpoints(directory):
@@ -84,7 +130,10 @@ def list_checkpoints(directory):
 
 
 def resolve_checkpoint(path=None, step=None):
-    """A checkpoint directory, a run directory (its last checkpoint, or `step`), or None: the most recently written run."""
+    """
+    A verified checkpoint directory from: a checkpoint directory, a run directory (its checkpoint for `step`, or its
+    newest checkpoint that verifies: damaged ones are reported and passed over), or None: the most recent run.
+    """
     if path is None:
         runs = [os.path.join(base_dir("checkpoints", stage), r) for stage in ("stage1", "stage2")
                 for r in os.listdir(base_dir("checkpoints", stage))]
@@ -93,29 +142,45 @@ def resolve_checkpoint(path=None, step=None):
             raise FileNotFoundError(f"no trained checkpoint under {base_dir('checkpoints')}: train one first "
                                     "(`bash speedrun.sh`), or pass --checkpoint DIR")
         path = runs[-1]
-    if os.path.exists(os.path.join(path, "model.safetensors")):
+    if os.path.exists(os.path.join(path, "model.safetensors")) or os.path.exists(os.path.join(path, MANIFEST)):
+        verify_checkpoint(path)
         return path
     found = list_checkpoints(path)
     if not found:
         raise FileNotFoundError(f"{path}: not a checkpoint (no model.safetensors) and no step_XXXXXX checkpoints inside")
-    if step is None:
-        return found[-1]
-    wanted = os.path.join(path, f"step_{step:06d}")
-    if wanted not in found:
-        raise FileNotFoundError(f"{path}: no checkpoint for step {step}; have {[os.path.basename(f) for f in found]}")
-    return wanted
+    if step is not None:
+        wanted = os.path.join(path, f"step_{step:06d}")
+        if wanted not in found:
+            raise FileNotFoundError(f"{path}: no checkpoint for step {step}; have {[os.path.basename(f) for f in found]}")
+        verify_checkpoint(wanted)
+        return wanted
+    for checkpoint in reversed(found):
+        try:
+            verify_checkpoint(checkpoint)
+            return checkpoint
+        except CheckpointError as e:
+            print0(f"skipping {os.path.basename(checkpoint)}: {e}")
+    raise CheckpointError(f"{path}: none of its {len(found)} checkpoints verifies")
 
 
 def load_meta(checkpoint):
-    with open(os.path.join(checkpoint, "meta.json")) as f:
-        return json.load(f)
+    path = os.path.join(checkpoint, "meta.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
 
 
 def load_model(checkpoint, device="cpu"):
     """-> (model, tokenizer, meta) from a checkpoint directory (see resolve_checkpoint)."""
     meta = load_meta(checkpoint)
     model = build_model(NanoDeepseekOCRConfig.from_dict(meta["model_config"]), device)
-    state = load_file(os.path.join(checkpoint, "model.safetensors"), device=str(device))
+    path = os.path.join(checkpoint, "model.safetensors")
+    try:
+        state = load_file(path, device=str(device))
+    except Exception as e:  # truncated or not safetensors at all
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
     model.load_state_dict(state, strict=True)
     return model, RustBPETokenizer.from_directory(checkpoint), meta
 
@@ -123,8 +188,11 @@ def load_model(checkpoint, device="cpu"):
 def load_training_state(checkpoint, rank=0):
     path = os.path.join(checkpoint, f"rank{rank:03d}.pt")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} missing: was this checkpoint written with a different number of ranks?")
-    return torch.load(path, map_location="cpu", weights_only=False)
+        raise CheckpointError(f"{path} missing: was this checkpoint written with a different number of ranks?")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
 
 
 # ---- nanochat checkpoints: model_XXXXXX.pt + meta_XXXXXX.json (+ tokenizer.pkl), in a directory or an HF repo ----

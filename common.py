@@ -1,10 +1,17 @@
 """
-Small helpers every entry point uses: distributed info, printing, device choice, --key=value overrides.
+Small helpers every entry point uses: distributed info, printing, device choice, --key=value overrides, the report,
+files written whole.
 """
+import dataclasses
+import difflib
+import inspect
+import io
 import os
 import sys
-import dataclasses
+import textwrap
+import tokenize
 from contextlib import contextmanager, nullcontext
+from functools import lru_cache
 
 import torch
 import torch.distributed as dist
@@ -54,6 +61,13 @@ def autocast_context(device):
     return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
+@lru_cache(maxsize=None)
+def compiled_flex_attention():
+    """FlexAttention compiled once: uncompiled, it is a slow reference that materialises the whole score matrix."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
 def compute_init(device_type=None):
     """Seed, pick the device, and join the process group when launched by torchrun (NCCL on GPU, gloo on CPU)."""
     device_type = device_type or autodetect_device_type()
@@ -91,26 +105,65 @@ def reduce_scatter_mean(output, inputs):
     output.div_(world_size)
 
 
-def parse_overrides(cfg, argv=None):
-    """nanochat-style --key=value overrides onto a config dataclass, with the field's type."""
-    argv = sys.argv[1:] if argv is None else argv
+def field_comments(cls):
+    """{field name: the comment after it} in a dataclass's source: what --help says about each option."""
+    comments, line_start = {}, None
+    try:
+        tokens = tokenize.generate_tokens(io.StringIO(textwrap.dedent(inspect.getsource(cls))).readline)
+        for tok in tokens:
+            if tok.type == tokenize.NAME and tok.start[1] == 4 and line_start is None:
+                line_start = tok.string
+            elif tok.type == tokenize.COMMENT and line_start:
+                comments[line_start] = tok.string.lstrip("# ")
+            elif tok.type in (tokenize.NEWLINE, tokenize.NL):
+                line_start = None
+    except (OSError, TypeError, tokenize.TokenError):
+        pass
+    return comments
+
+
+def parse_overrides(cfg, argv=None, description=""):
+    """
+    nanochat-style overrides onto a config dataclass: --key=value, --key value, or a bare --flag for true, each
+    converted to the field's type. --help lists every option with its type, this command's default and comment.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
     fields = {f.name: f for f in dataclasses.fields(cfg)}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"expected --key=value, got {arg!r}")
-        key, value = arg[2:].split("=", 1)
-        if key not in fields:
-            raise SystemExit(f"unknown option --{key}; options are: {', '.join(sorted(fields))}")
+    if "-h" in argv or "--help" in argv:
+        comments = field_comments(type(cfg))
+        print(description.strip() + "\n\noptions (--key=value, --key value, or --flag for a true bool):")
+        for name in fields:
+            value = getattr(cfg, name)
+            print(f"  --{name:<26} {type(value).__name__:<5} {value!r:<32} {comments.get(name, '')}".rstrip())
+        raise SystemExit(0)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        key, has_value, value = arg[2:].partition("=")
+        if not arg.startswith("--") or key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            raise SystemExit(f"unknown option {arg!r}" + (f" (did you mean --{close[0]}?)" if close else "") +
+                             "; --help lists the options")
         current = getattr(cfg, key)
-        if isinstance(current, bool):
-            if value.lower() not in ("1", "0", "true", "false"):
-                raise SystemExit(f"--{key} takes true/false, got {value!r}")
-            value = value.lower() in ("1", "true")
-        elif isinstance(current, int):
-            value = int(value)
-        elif isinstance(current, float):
-            value = float(value)
+        if not has_value:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            elif isinstance(current, bool):
+                value = "true"
+            else:
+                raise SystemExit(f"--{key} needs a value ({type(current).__name__})")
+        try:
+            if isinstance(current, bool):
+                if value.lower() not in ("1", "0", "true", "false"):
+                    raise ValueError
+                value = value.lower() in ("1", "true")
+            else:
+                value = type(current)(value)
+        except ValueError:
+            raise SystemExit(f"--{key} takes {'true/false' if isinstance(current, bool) else 'an ' + type(current).__name__}, "
+                             f"got {value!r}") from None
         setattr(cfg, key, value)
+        i += 1
     return cfg
 
 
@@ -128,6 +181,39 @@ def append_report(title, lines):
     path = os.path.join(base_dir(), "report.md")
     with open(path, "a", encoding="utf-8") as f:
         f.write(f"\n## {title}\n\n" + "\n".join(lines) + "\n")
+    return path
+
+
+def line_plot(series, path, x_label, y_label):
+    """A PNG line chart, drawn with Pillow, of {name: [(x, y), ...]}: one coloured line (and legend entry) per name."""
+    from PIL import Image, ImageDraw, ImageFont
+    W, H, m = 900, 600, 70
+    colours = [(200, 40, 40), (40, 90, 200), (30, 150, 60), (200, 130, 0), (120, 40, 160)]
+    image = Image.new("RGB", (W, H), (255, 255, 255))
+    d = ImageDraw.Draw(image)
+    f = ImageFont.load_default(size=16)
+    points = [p for pts in series.values() for p in pts]
+    x0, x1 = min([x for x, _ in points] + [0]), max([x for x, _ in points] + [1e-9]) * 1.05
+    y1 = max([y for _, y in points] + [1e-9]) * 1.1
+
+    def xy(x, y):
+        return m + (W - 2 * m) * (x - x0) / (x1 - x0), H - m - (H - 2 * m) * y / y1
+    d.line((m, H - m, W - m, H - m), fill=(0, 0, 0), width=2)
+    d.line((m, m, m, H - m), fill=(0, 0, 0), width=2)
+    for k in range(6):
+        d.text((m - 55, xy(0, y1 * k / 5)[1] - 8), f"{y1 * k / 5:.3g}", font=f, fill=(0, 0, 0))
+        d.text((xy(x0 + (x1 - x0) * k / 5, 0)[0] - 10, H - m + 8), f"{x0 + (x1 - x0) * k / 5:.3g}", font=f, fill=(0, 0, 0))
+    d.text((W // 2 - 100, H - 30), x_label, font=f, fill=(0, 0, 0))
+    d.text((10, 20), y_label, font=f, fill=(0, 0, 0))
+    for i, (name, pts) in enumerate(series.items()):
+        colour = colours[i % len(colours)]
+        line = [xy(x, y) for x, y in pts]
+        if len(line) > 1:
+            d.line(line, fill=colour, width=3)
+        for x, y in line:
+            d.ellipse((x - 4, y - 4, x + 4, y + 4), fill=colour)
+        d.text((W - m - 220, m + 24 * i), name, font=f, fill=colour)
+    image.save(path)
     return path
 
 

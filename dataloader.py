@@ -1,45 +1,55 @@
 """
-Vision-aware batching. An image and its text are one atomic sample, so batches are whole samples padded
-to the longest (or to seq_len, for torch.compile), not nanochat's packed token stream. Targets are -1 at
-image slots and padding. Each rank reads a disjoint shard of a per-epoch permutation; images decode in
-worker processes; bad samples are skipped and counted; state_dict() resumes exactly where it stopped.
+Vision-aware batching, packed. An image and its text are one atomic sample; whole samples are packed into rows of
+seq_len tokens (next-fit: a sample that does not fit starts the next row), every token tagged with its sample
+(doc_ids, -1 on padding) and its position within it, so attention stays inside a sample (a document mask) and
+rotary positions restart. A batch is batch_size rows: its size is counted in tokens. Targets are -1 at image
+slots, prompts and padding. Each rank reads a disjoint shard of a per-epoch permutation; images decode in worker
+processes and travel as uint8 (normalised on the device); bad samples are skipped, counted and named;
+state_dict() resumes exactly where it stopped.
 """
 from collections import Counter
-from functools import partial
 
 import numpy as np
 import torch
 
-from image_process import DeepseekOCRProcessor, ImageError, load_image
+from image_process import DeepseekOCRProcessor, ImageError, load_image, prepare_image
 from tokenizer import ImageBlockTooLong
 
 
+def sample_image(sample):
+    """A vision sample's image: made in memory (synthetic reading pages) or read from its file."""
+    return prepare_image(sample["image"]) if "image" in sample else load_image(sample["image_path"])
+
+
 def render_sample(sample, tokenizer, processor, max_tokens):
-    """One task sample -> dict(ids, mask, images), or dict(skip=reason). mask=0 where a token is not a target."""
+    """One task sample -> dict(ids, mask, images), or dict(skip=reason). mask=1 on the targets: the response (and
+    its stop token) of a vision sample, what the assistant says in a conversation."""
     if "messages" in sample:
         ids, mask = tokenizer.render_conversation(sample, max_tokens)
         return dict(ids=ids, mask=mask, images=[])
+    name = sample.get("image_path", "<page made in memory>")
     response = sample.get("response")
     if not isinstance(response, str) or not response.strip():
-        return dict(skip="empty response")
+        return dict(skip="empty response", detail=f"{name}: empty response")
     try:
-        image = processor.process_image(load_image(sample["image_path"]))
+        image = processor.process_image(sample_image(sample))
     except ImageError as e:
         return dict(skip="missing image" if "no such file" in str(e) else "unreadable image", detail=str(e))
     try:
-        ids, positions = tokenizer.render_vision_pretraining(sample["text"], max_tokens, [image["num_image_tokens"]], response=response)
+        counts = [image["num_image_tokens"]]
+        prompt = tokenizer.render_vision_pretraining(sample["text"], max_tokens, counts)[0]
+        ids, _ = tokenizer.render_vision_pretraining(sample["text"], max_tokens, counts, response=response)
     except ImageBlockTooLong as e:
-        return dict(skip="image does not fit seq_len", detail=str(e))
-    mask = np.ones(len(ids), dtype=np.int8)
-    mask[positions] = 0
-    return dict(ids=ids, mask=mask.tolist(), images=[image])
+        return dict(skip="image does not fit seq_len", detail=f"{name}: {e}")
+    mask = [0] * len(prompt) + [1] * (len(ids) - len(prompt))  # the prompt is given at inference, not learned
+    return dict(ids=ids, mask=mask[:len(ids)], images=[image])
 
 
 class SampleDataset(torch.utils.data.Dataset):
     """Map-style view of a task that renders samples (image decode + preprocessing + tokenization), in workers."""
     def __init__(self, task, tokenizer, modes, max_tokens):
         self.task, self.tokenizer, self.max_tokens = task, tokenizer, max_tokens
-        self.processors = [DeepseekOCRProcessor(m) for m in modes]
+        self.processors = [DeepseekOCRProcessor(m, uint8=True) for m in modes]
 
     def __len__(self):
         return len(self.task)
@@ -49,80 +59,98 @@ class SampleDataset(torch.utils.data.Dataset):
         try:
             return render_sample(self.task[index], self.tokenizer, processor, self.max_tokens)
         except Exception as e:  # a malformed sample must not stop the run
-            return dict(skip="malformed sample", detail=f"{type(e).__name__}: {e}")
+            return dict(skip="malformed sample", detail=f"sample {index}: {type(e).__name__}: {e}")
 
 
-def collate(items, pad_id, pad_to=None):
-    """Right-pad to the longest sample (or to pad_to). inputs = ids[:-1], targets = ids[1:] with -1 where mask is 0."""
-    good = [it for it in items if "skip" not in it]
-    skipped = Counter(it["skip"] for it in items if "skip" in it)
-    details = [it["detail"] for it in items if "detail" in it]
-    if not good:  # every sample was bad: one row with no targets keeps all ranks stepping together
-        good = [dict(ids=[pad_id, pad_id], mask=[0, 0], images=[])]
-    T = pad_to or max(len(it["ids"]) - 1 for it in good)
-    inputs = torch.full((len(good), T), pad_id, dtype=torch.long)
-    targets = torch.full((len(good), T), -1, dtype=torch.long)
-    for b, it in enumerate(good):
-        ids = torch.tensor(it["ids"][:T + 1])
-        mask = torch.tensor(it["mask"][:T + 1], dtype=torch.bool)
+def pack(samples, rows, seq_len, pad_id):
+    """Rendered samples (in order, each at most seq_len + 1 ids) -> a batch of `rows` rows, next-fit. inputs =
+    ids[:-1] and targets = ids[1:] (-1 where the mask is 0) of each sample, side by side; images in slot order."""
+    inputs = torch.full((rows, seq_len), pad_id, dtype=torch.long)
+    targets = torch.full((rows, seq_len), -1, dtype=torch.long)
+    doc_ids = torch.full((rows, seq_len), -1, dtype=torch.long)
+    positions = torch.zeros(rows, seq_len, dtype=torch.long)
+    row, used, lengths, images = 0, 0, [], []
+    for doc, sample in enumerate(samples):
+        ids, mask = torch.tensor(sample["ids"]), torch.tensor(sample["mask"], dtype=torch.bool)
         n = ids.numel() - 1
-        inputs[b, :n] = ids[:-1]
-        targets[b, :n] = torch.where(mask[1:], ids[1:], -1)
-    images = [image for it in good for image in it["images"]]
-    return dict(input_ids=inputs, targets=targets, images=images, skipped=skipped, skip_details=details)
+        if used + n > seq_len:
+            row, used = row + 1, 0
+        assert row < rows and n <= seq_len, "pack() got more samples than its rows hold"
+        inputs[row, used:used + n] = ids[:-1]
+        targets[row, used:used + n] = torch.where(mask[1:], ids[1:], -1)
+        doc_ids[row, used:used + n] = doc
+        positions[row, used:used + n] = torch.arange(n)
+        used += n
+        lengths.append(n)
+        images += sample["images"]
+    return dict(input_ids=inputs, targets=targets, doc_ids=doc_ids, positions=positions, doc_lengths=lengths,
+                images=images)
+
+
+def identity(item):
+    return item
 
 
 class VisionDataLoader:
     """
-    Infinite iterator of batches for one rank. Epoch e visits a permutation of the task seeded by (seed, e),
-    trimmed so every rank gets the same number of full batches; rank r takes every world_size-th sample.
-    state_dict() counts the batches handed out, so a restored loader continues with the next one.
+    Infinite iterator of packed batches for one rank. Epoch e visits a permutation of the task seeded by (seed, e),
+    trimmed so every rank gets as many samples; rank r takes every world_size-th one; epochs follow each other
+    without a break. state_dict() holds the position of the first sample not yet in a handed-out batch, so a
+    restored loader packs the very same batches from there.
     """
     def __init__(self, task, tokenizer, modes=("base",), batch_size=4, seq_len=4096, rank=0, world_size=1, seed=0,
-                 num_workers=0, pad_to_seq_len=False, shuffle=True):
+                 num_workers=0, shuffle=True):
         self.modes = [modes] if isinstance(modes, str) else list(modes)
         self.dataset = SampleDataset(task, tokenizer, self.modes, seq_len + 1)
         self.pad_id = tokenizer.get_bos_token_id()
         self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
-        self.seed, self.num_workers, self.pad_to_seq_len, self.shuffle = seed, num_workers, pad_to_seq_len, shuffle
-        self.epoch, self.batch_in_epoch = 0, 0
+        self.seed, self.num_workers, self.shuffle = seed, num_workers, shuffle
+        self.epoch, self.position = 0, 0
         self.skipped = Counter()
-        if self.batches_per_epoch() == 0:
-            raise ValueError(f"{len(task)} samples cannot fill one batch of {batch_size} on each of {world_size} rank(s)")
+        if len(task) < world_size:
+            raise ValueError(f"{len(task)} samples cannot give each of {world_size} rank(s) one")
 
-    def batches_per_epoch(self):
-        return len(self.dataset) // (self.batch_size * self.world_size)
-
-    def epoch_batches(self, epoch):
-        """This rank's batches of sample indices for one epoch."""
+    def epoch_order(self, epoch):
+        """This rank's sample indices for one epoch."""
         n = len(self.dataset)
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-        mine = order[:self.batches_per_epoch() * self.batch_size * self.world_size][self.rank::self.world_size]
-        return [mine[i:i + self.batch_size].tolist() for i in range(0, len(mine), self.batch_size)]
-
-    def state_dict(self):
-        return dict(epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, seed=self.seed, skipped=dict(self.skipped))
-
-    def load_state_dict(self, state):
-        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
-        self.seed, self.skipped = state["seed"], Counter(state["skipped"])
+        return order[:n // self.world_size * self.world_size][self.rank::self.world_size].tolist()
 
     def order(self):
-        """Batches of indices from the current position on, epoch after epoch (one worker pool for the whole run)."""
-        epoch, start = self.epoch, self.batch_in_epoch
+        """(epoch, position, sample index) from the current state on, epoch after epoch."""
+        epoch, start = self.epoch, self.position
         while True:
-            yield from self.epoch_batches(epoch)[start:]
+            for position, index in enumerate(self.epoch_order(epoch)[start:], start):
+                yield epoch, position, index
             epoch, start = epoch + 1, 0
 
+    def state_dict(self):
+        return dict(epoch=self.epoch, position=self.position, seed=self.seed, skipped=dict(self.skipped))
+
+    def load_state_dict(self, state):
+        self.epoch, self.position = state["epoch"], state["position"]
+        self.seed, self.skipped = state["seed"], Counter(state["skipped"])
+
     def __iter__(self):
-        pad_to = self.seq_len if self.pad_to_seq_len else None
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=self.order(), num_workers=self.num_workers,
-            collate_fn=partial(collate, pad_id=self.pad_id, pad_to=pad_to),
-            prefetch_factor=4 if self.num_workers else None, pin_memory=torch.cuda.is_available())
-        for batch in loader:  # workers run ahead; the state counts only the batches handed out
-            self.batch_in_epoch += 1
-            if self.batch_in_epoch == self.batches_per_epoch():
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            self.skipped.update(batch["skipped"])
-            yield batch
+            self.dataset, sampler=(index for _, _, index in self.order()), batch_size=None, collate_fn=identity,
+            num_workers=self.num_workers, prefetch_factor=8 if self.num_workers else None)
+        samples, details, rows, used, since_good = [], [], 1, 0, 0
+        for (epoch, position, _), sample in zip(self.order(), loader):  # workers run ahead of the packing
+            if "skip" in sample:
+                self.skipped[sample["skip"]] += 1
+                details.append(sample["detail"])
+                since_good += 1
+                if since_good > len(self.dataset):
+                    raise RuntimeError(f"no usable sample in a whole epoch of {len(self.dataset)}: {details[-1]}")
+                continue
+            since_good = 0
+            n = len(sample["ids"]) - 1
+            if used + n > self.seq_len:
+                rows, used = rows + 1, 0
+            if rows > self.batch_size:  # this sample opens the next batch: hand out the full one
+                self.epoch, self.position = epoch, position
+                yield dict(pack(samples, self.batch_size, self.seq_len, self.pad_id), skip_details=details)
+                samples, details, rows, used = [], [], 1, 0
+            samples.append(sample)
+            used += n

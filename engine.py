@@ -42,7 +42,7 @@ class Engine:
     def read_iter(self, pages, mode="base", max_new_tokens=512, **generate_kwargs):
         """pages: iterable of (key, PIL image, prompt), consumed only as slots free up. Yields (key, text) as each
         page finishes, in finishing order."""
-        processor = DeepseekOCRProcessor(mode)
+        processor = DeepseekOCRProcessor(mode, uint8=True)  # normalised on the device
 
         def requests():
             for key, image, prompt in pages:

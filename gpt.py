@@ -15,8 +15,9 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-from common import get_dist_info, print0
+from common import compiled_flex_attention, get_dist_info, print0
 from muon import Muon, DistMuon
 from adamw import DistAdamW
 
@@ -92,10 +93,26 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
 
+def document_mask(doc_ids):
+    """
+    Causal attention within each packed sample only (doc_ids (B, T), -1 on padding): a BlockMask for FlexAttention
+    on CUDA, which skips the blocks between samples altogether; a boolean (B, 1, T, T) mask for SDPA elsewhere.
+    """
+    if doc_ids.is_cuda:
+        def same_sample(b, h, q, k):
+            return (doc_ids[b, q] == doc_ids[b, k]) & (q >= k)
+        B, T = doc_ids.shape
+        return create_block_mask(same_sample, B, None, T, T, device=doc_ids.device)
+    causal = torch.ones(doc_ids.size(1), doc_ids.size(1), dtype=torch.bool, device=doc_ids.device).tril()
+    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+
+
 def attention(q, k, v, mask, enable_gqa):
-    """Causal attention when mask is None, else attention where the boolean mask allows (SDPA)."""
+    """Causal attention when mask is None, SDPA where a boolean mask allows, FlexAttention with a BlockMask."""
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+    if isinstance(mask, BlockMask):
+        return compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=enable_gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
 
 
@@ -203,6 +220,10 @@ class GPT(nn.Module):
         self.transformer.wte.num_embeddings = self.lm_head.out_features = new_vocab_size
         self.config.vocab_size = new_vocab_size
 
+    def flops(self, doc_lengths):
+        """Training FLOPs (forward + backward) of packed samples of these lengths: each token attends its own sample."""
+        return sum(n * self.estimate_flops(n) for n in doc_lengths)
+
     def estimate_flops(self, seq_len=None):
         """Training FLOPs per token (forward + backward), as nanochat counts them (https://arxiv.org/abs/2204.02311)."""
         nparams = sum(p.numel() for p in self.parameters())
@@ -277,8 +298,9 @@ class GPT(nn.Module):
         logits = self.lm_head(hidden)
         return softcap * torch.tanh(logits / softcap)
 
-    def forward(self, idx=None, targets=None, kv_cache=None, loss_reduction="mean", inputs_embeds=None):
-        logits = self.logits(self.hidden(idx, inputs_embeds, kv_cache))
+    def forward(self, idx=None, targets=None, kv_cache=None, loss_reduction="mean", inputs_embeds=None, positions=None,
+                attn_mask=None):
+        logits = self.logits(self.hidden(idx, inputs_embeds, kv_cache, positions, attn_mask))
         if targets is None:
             return logits
         logits = logits.float()

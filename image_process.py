@@ -147,19 +147,27 @@ def prepare_image(image, name=None):
     return upright_rgb(image, name)
 
 
-def normalize(image):
-    """RGB PIL -> (3, H, W) float tensor in [-1, 1] (mean 0.5, std 0.5)."""
-    a = np.asarray(image, dtype=np.float32) / 255.0
-    a = (a - np.array(IMAGE_MEAN, dtype=np.float32)) / np.array(IMAGE_STD, dtype=np.float32)
-    return torch.from_numpy(a.transpose(2, 0, 1).copy())
+def pixels(image):
+    """RGB PIL -> (3, H, W) uint8 tensor."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy())
+
+
+def normalize(pixel_values):
+    """uint8 pixels (..., 3, H, W), on any device -> float in [-1, 1] (mean 0.5, std 0.5): the one normalisation."""
+    mean = torch.tensor(IMAGE_MEAN, device=pixel_values.device)[:, None, None]
+    std = torch.tensor(IMAGE_STD, device=pixel_values.device)[:, None, None]
+    return (pixel_values.float() / 255.0 - mean) / std
 
 
 class DeepseekOCRProcessor:
-    def __init__(self, mode="base", min_crops=MIN_CROPS, max_crops=MAX_CROPS):
+    """uint8=True leaves views as uint8 pixels (4x less to move from loader workers to the GPU); the model
+    normalises them where they land."""
+    def __init__(self, mode="base", min_crops=MIN_CROPS, max_crops=MAX_CROPS, uint8=False):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; modes are {list(MODES)}")
         self.mode, self.min_crops, self.max_crops = mode, min_crops, max_crops
         self.spec = MODES[mode]
+        self.finish = pixels if uint8 else lambda image: normalize(pixels(image))
 
     def global_view(self, image):
         size = self.spec["base_size"]
@@ -176,9 +184,9 @@ class DeepseekOCRProcessor:
             tile = self.spec["image_size"]
             n_w, n_h = tiles
             resized = image.resize((tile * n_w, tile * n_h), Image.BICUBIC)
-            crops = torch.stack([normalize(resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)))
+            crops = torch.stack([self.finish(resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)))
                                  for r in range(n_h) for c in range(n_w)])  # row-major
-        return dict(pixel_values=normalize(self.global_view(image)), images_crop=crops, images_spatial_crop=tiles,
+        return dict(pixel_values=self.finish(self.global_view(image)), images_crop=crops, images_spatial_crop=tiles,
                     num_image_tokens=num_image_slots(image.width, image.height, self.mode, self.min_crops, self.max_crops))
 
     def process_images(self, images):

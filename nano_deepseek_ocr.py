@@ -14,7 +14,10 @@ import torch.nn as nn
 from deepencoder.clip_sdpa import CLIPConfig
 from deepencoder.encoder import DeepEncoder
 from deepencoder.sam_vary_sdpa import SAMConfig
-from gpt import GPT, GPTConfig
+from common import get_dist_info
+from gpt import GPT, GPTConfig, document_mask
+from image_process import normalize
+from muon import Muon, DistMuon
 
 
 @dataclass
@@ -80,7 +83,8 @@ class NanoDeepseekOCR(nn.Module):
                 by_size[view.shape[-1]].append((i, kind, view))
         features = defaultdict(list)
         for views in by_size.values():
-            out = self.encoder(torch.stack([v for _, _, v in views]).to(device, non_blocking=True))
+            stack = torch.stack([v for _, _, v in views]).to(device, non_blocking=True)
+            out = self.encoder(normalize(stack) if stack.dtype == torch.uint8 else stack)
             for (i, kind, _), f in zip(views, out):
                 features[(i, kind)].append(f)
         return [self.layout(features[(i, "global")][0],
@@ -101,25 +105,46 @@ class NanoDeepseekOCR(nn.Module):
             x = x.masked_scatter(slots.unsqueeze(-1), features.to(x.dtype))
         return x
 
-    def forward(self, input_ids, targets=None, images=None, loss_reduction="mean"):
-        return self.gpt(inputs_embeds=self.embed(input_ids, images), targets=targets, loss_reduction=loss_reduction)
+    def forward(self, input_ids, targets=None, images=None, loss_reduction="mean", doc_ids=None, positions=None):
+        """Packed rows carry doc_ids and positions (see dataloader.pack): attention then stays inside each sample."""
+        mask = None if doc_ids is None else document_mask(doc_ids)
+        return self.gpt(inputs_embeds=self.embed(input_ids, images), targets=targets, loss_reduction=loss_reduction,
+                        positions=positions, attn_mask=mask)
 
     # ---- optimizers and FLOPs --------------------------------------------------------------------
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, vision_lr=1e-4,
-                         weight_decay=0.0, adamw_lr=None):
+                         weight_decay=0.0, adamw_lr=None, vision_muon_lr=None, vision_fan_in=False):
         """GPT as nanochat (Muon on block matrices); the whole vision side, newline/separator included, on AdamW.
+        vision_fan_in: each vision weight's lr is vision_lr / its fan-in, so every layer's output moves at the same
+        rate (muP's rule for Adam); a flat vision_lr moves a 768-input patch embedding 768x faster than a bias.
+        vision_muon_lr: the encoder's linear and conv weights on Muon at that lr instead.
         adamw_lr: AdamW for everything at that lr instead."""
-        vision = [p for name, p in self.named_parameters() if not name.startswith("gpt.")]
-        return self.gpt.setup_optimizers(unembedding_lr, embedding_lr, matrix_lr, weight_decay,
-                                         extra_adamw_groups=[dict(params=vision, lr=vision_lr)], adamw_lr=adamw_lr)
+        vision = {name: p for name, p in self.named_parameters() if not name.startswith("gpt.")}
+        matrices = [m.weight for m in self.encoder.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        muon = [p for p in matrices if p.requires_grad] if vision_muon_lr and adamw_lr is None else []
+        adamw = [p for p in vision.values() if all(p is not m for m in muon)]
+        fan_in = {id(p): p[0].numel() if any(p is m for m in matrices) else 1 for p in adamw}
+        groups = [dict(params=adamw, lr=vision_lr, kind="vision")]
+        if vision_fan_in:
+            groups = [dict(params=[p for p in adamw if fan_in[id(p)] == n], lr=vision_lr / n, kind="vision")
+                      for n in sorted(set(fan_in.values()))]
+        optimizers = self.gpt.setup_optimizers(unembedding_lr, embedding_lr, matrix_lr, weight_decay,
+                                               extra_adamw_groups=groups, adamw_lr=adamw_lr)
+        if muon:
+            muon = (DistMuon if get_dist_info()[0] else Muon)(muon, lr=vision_muon_lr, momentum=0.95, kind="vision")
+            for group in muon.param_groups:
+                group["initial_lr"] = group["lr"]
+            optimizers.append(muon)
+        return optimizers
 
-    def train_flops(self, num_tokens, seq_len, images):
+    def train_flops(self, doc_lengths, images):
         """
-        FLOPs of one training step: GPT forward+backward over num_tokens (nanochat's count at this seq_len), plus each
-        image view through the encoder: 3x forward for the parts that train, 1x for frozen ones (nothing to backprop).
+        FLOPs of one training micro-batch, counting only work done: the GPT forward+backward over each packed sample
+        (nanochat's count, a sample attending itself), plus each view the encoder ran: 3x forward for the parts that
+        train, 1x for frozen ones (nothing to backprop). Padding is not work.
         """
-        flops = self.gpt.estimate_flops(seq_len) * num_tokens
+        flops = self.gpt.flops(doc_lengths)
         trains = dict(sam=any(p.requires_grad for p in self.encoder.sam_model.parameters()),
                       clip=any(p.requires_grad for p in self.encoder.vision_model.parameters()),
                       projector=any(p.requires_grad for p in self.encoder.projector.parameters()))

@@ -5,6 +5,7 @@ No DDP wrapper, as in nanochat: DistMuon / DistAdamW average the gradients thems
 batch does not touch (the encoder on a text-only batch) just count as zero gradients.
 """
 import math
+import os
 import time
 from dataclasses import dataclass, asdict
 
@@ -12,12 +13,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from checkpoint import save_checkpoint, resolve_checkpoint, load_model, load_training_state, set_rng_state, new_model
-from common import compute_init, compute_cleanup, print0, DummyWandb, append_report, autocast_context
-from config import checkpoint_dir, MODES
-from dataloader import VisionDataLoader
+from checkpoint import (save_checkpoint, resolve_checkpoint, list_checkpoints, load_model, load_training_state,
+                        set_rng_state, new_model)
+from common import compute_init, compute_cleanup, print0, DummyWandb, append_report, autocast_context, line_plot
+from config import base_dir, checkpoint_dir, MODES
+from dataloader import VisionDataLoader, sample_image
 from engine import Engine
 from image_process import DeepseekOCRProcessor, ImageError, load_image
+from metrics import normalized_edit_distance
 from tasks.mixture import mixture
 from tasks.synthetic import SyntheticPages
 
@@ -43,19 +46,19 @@ class TrainConfig:
     vocab_size: int = 0                    # GPT rows when larger than the tokenizer's (e.g. 65536 to benchmark d20's true cost)
     freeze_sam: bool = False               # stage 2 freezes SAM + net_2 + net_3
     activation_checkpointing: bool = False # recompute SAM's global blocks in backward
-    compile: bool = False
+    compile: bool = True                   # torch.compile the encoder and the GPT (CUDA only; the first steps compile)
     # data
-    data: str = "synthetic"                # synthetic | real (the nine datasets)
+    data: str = "synthetic"                # reading (text lines made on the fly) | synthetic (pages) | real (9 datasets)
     text_fraction: float = 0.0             # share of text-only samples (stage 2: 0.1)
-    num_synthetic: int = 20000
+    num_synthetic: int = 20000             # synthetic pages (reading: the length of the stream)
     synthetic_kinds: str = "document,table,chart,formula"
     synthetic_min_size: int = 512
     synthetic_max_size: int = 1024
     max_samples: int = 0                   # per real dataset; 0 = all
     modes: str = "base"                    # comma-separated; with several, each sample has a fixed one
     seq_len: int = 4096
-    device_batch_size: int = 4
-    total_batch_size: int = 0              # samples per optimizer step; 0 = device_batch_size x ranks
+    device_batch_size: int = 4             # rows of seq_len tokens per micro-batch, whole samples packed into each
+    total_batch_size: int = 0              # tokens per optimizer step; 0 = device_batch_size x seq_len x ranks
     num_workers: int = 4
     # optimisation
     num_iterations: int = 1000
@@ -64,8 +67,12 @@ class TrainConfig:
     embedding_lr: float = 0.2
     unembedding_lr: float = 0.004
     vision_lr: float = 5e-5
+    vision_muon_lr: float = 0.0            # > 0: Muon at this lr for the encoder's linear and conv weights
+    vision_fan_in: bool = False            # each vision weight's lr = vision_lr / its fan-in (random-init encoders)
     adamw_lr: float = 5e-5
     weight_decay: float = 0.0
+    gpt_hold_steps: int = 0                # the GPT holds still this many steps while the vision side learns
+    vision_hold_steps: int = 0             # the vision side holds still this many steps while the GPT learns
     schedule: str = "cosine"               # cosine: warmup then cosine | step: x step_gamma at each milestone
     warmup_steps: int = 100
     final_lr_frac: float = 0.0
@@ -77,10 +84,14 @@ class TrainConfig:
     eval_batches: int = 8
     collapse_images: int = 8
     collapse_warn: float = 0.99             # a fork that collapsed went from 0.59 to 0.9998
-    sample_count: int = 4                  # training samples read back at each eval
-    sample_tokens: int = 256
+    sample_count: int = 4                  # held-out pages printed with their reading at each eval
+    sample_tokens: int = 256               # new tokens at most when reading a page
+    cer_pages: int = 50                    # held-out and training pages read at each eval (character error rate)
+    gap_warn: float = 0.05                 # warn when a blank page raises the answer loss by less (nats per token)
     save_every: int = 500
+    keep_checkpoints: int = 0              # keep only the newest N checkpoints of the run; 0 = all
     resume: bool = False
+    skip_step: int = -1                    # drop the batches of this step (one that gave a non-finite loss) on resume
 
     def tag(self):
         return self.model_tag or f"d{self.depth}" + ("-tiny" if self.encoder == "tiny" else "")
@@ -118,30 +129,54 @@ def peak_flops(device):
 
 def build_tasks(cfg, split, world_size):
     """The training mixture, or the validation one: enough samples for the eval batches and the read-back."""
-    n_eval = max(cfg.eval_batches * cfg.device_batch_size * world_size, cfg.sample_count, 1)
+    n_eval = max(cfg.eval_batches * cfg.device_batch_size * world_size, cfg.sample_count, cfg.cer_pages, 1)
     synthetic = dict(num_samples=cfg.num_synthetic, kinds=cfg.synthetic_kinds.split(","),
                      sizes=(cfg.synthetic_min_size, cfg.synthetic_max_size))
     return mixture(cfg.data, split, cfg.seed, None if split == "train" else n_eval, cfg.text_fraction,
                    cfg.max_samples, synthetic)
 
 
+def blank_images(images):
+    """The same image dicts with every view a white page (uint8 255, or 1.0 once normalised)."""
+    def white(x):
+        return None if x is None else torch.full_like(x, 255 if x.dtype == torch.uint8 else 1.0)
+    return [dict(im, pixel_values=white(im["pixel_values"]), images_crop=white(im["images_crop"])) for im in images]
+
+
+def other_images(images):
+    """Each image swapped for another of the batch with the same layout (the next one, round the group)."""
+    groups = {}
+    for i, im in enumerate(images):
+        groups.setdefault((im["num_image_tokens"], tuple(im["images_spatial_crop"]), im["pixel_values"].shape), []).append(i)
+    swapped = list(images)
+    for members in groups.values():
+        for a, b in zip(members, members[1:] + members[:1]):
+            swapped[a] = images[b]
+    return swapped
+
+
 @torch.no_grad()
 def evaluate(model, cfg, val_task, tokenizer, rank, world_size, autocast):
-    """Mean validation loss per target token over cfg.eval_batches batches (all ranks together)."""
+    """
+    Validation over cfg.eval_batches batches (all ranks together): the mean answer loss per target token, and the
+    image gap: how much that loss rises when each page's image is replaced by a blank page, or by another page of
+    the batch. A gap near zero means the model answers without looking.
+    """
     model.eval()
     loader = VisionDataLoader(val_task, tokenizer, cfg.modes.split(","), cfg.device_batch_size, cfg.seq_len, rank,
                               world_size, seed=0, num_workers=0, shuffle=False)
-    total = torch.zeros(2, device=model.image_newline.device)
+    total = torch.zeros(4, device=model.image_newline.device)  # summed loss: own, blank, other image; targets
     for _, batch in zip(range(cfg.eval_batches), loader):
-        targets = batch["targets"].to(total.device)
-        with autocast:
-            loss = model(batch["input_ids"].to(total.device), targets, batch["images"], loss_reduction="sum")
-        total[0] += loss.float()
-        total[1] += (targets != -1).sum()
+        ids, targets, doc_ids, positions = (batch[k].to(total.device) for k in ("input_ids", "targets", "doc_ids", "positions"))
+        for k, images in enumerate((batch["images"], blank_images(batch["images"]), other_images(batch["images"]))):
+            with autocast:
+                total[k] += model(ids, targets, images, "sum", doc_ids, positions).float()
+        total[3] += (targets != -1).sum()
     if dist.is_initialized():
         dist.all_reduce(total)
     model.train()
-    return (total[0] / total[1].clamp(min=1)).item()
+    own, blank, other = (total[:3] / total[3].clamp(min=1)).tolist()
+    return dict(val_loss=own, gap_blank=blank - own, gap_other=other - own)
 
 
 @torch.no_grad()
@@ -156,26 +191,30 @@ def encoder_collapse(model, views, autocast):
     return ((sim.sum() - sim.diagonal().sum()) / (n * (n - 1))).item()
 
 
-def read_back(model, tokenizer, task, cfg, mode):
-    """Greedy-read a few training samples and print them against their ground truth (shows memorisation/progress).
-    A sample whose image cannot be read is reported and passed over."""
-    samples = [task[i] for i in range(min(cfg.sample_count, len(task)))]
+def read_pages(model, tokenizer, task, n, mode, max_tokens):
+    """Greedy-read the first n vision samples of a task: [(expected, read)]. A sample whose image cannot be read is
+    reported and passed over."""
     pages = []
-    for i, sample in enumerate(samples):
-        if "image_path" not in sample:
+    for i in range(len(task)):
+        if len(pages) == n:
+            break
+        sample = task[i]
+        if "messages" in sample:
             continue
         try:
-            pages.append((i, load_image(sample["image_path"]), sample["text"]))
+            pages.append((i, sample_image(sample), sample["text"], sample["response"]))
         except ImageError as e:
             print0(f"  sample {i}: skipped, {e}")
+    # reading past twice the longest answer only adds errors: a cap keeps an untrained model's eval short
+    max_tokens = min(max_tokens, 2 * max([len(tokenizer.encode(p[3])) for p in pages] + [0]) + 8)
     model.eval()
-    pairs = []
-    for i, generated in sorted(Engine(model, tokenizer).read_iter(pages, mode, cfg.sample_tokens)):
-        expected = samples[i]["response"]
-        pairs.append((expected, generated))
-        print0(f"  sample {i}: {'EXACT' if generated == expected else 'differs'} | {generated[:100]!r}")
+    read = dict(Engine(model, tokenizer).read_iter([p[:3] for p in pages], mode, max_tokens))
     model.train()
-    return pairs
+    return [(expected, read[i]) for i, _, _, expected in pages]
+
+
+def character_error_rate(pairs):
+    return sum(normalized_edit_distance(read, expected) for expected, read in pairs) / max(1, len(pairs))
 
 
 def ranks_in_sync(model):
@@ -206,13 +245,16 @@ def train(cfg):
         ckpt = resolve_checkpoint(out_dir)
         model, tokenizer, meta = load_model(ckpt, device)
         start_step, state = meta["step"], load_training_state(ckpt, rank)
-        print0(f"resuming from {ckpt} (step {start_step})")
+        origin = f"resumed from {ckpt} (step {start_step})"
     elif cfg.init_from:
         ckpt = resolve_checkpoint(cfg.init_from)
         model, tokenizer, _ = load_model(ckpt, device)
-        print0(f"starting from {ckpt}")
+        origin = f"started from {ckpt}"
     else:
         model, tokenizer = new_model(cfg, device)
+        origin = (f"new: GPT {'from ' + cfg.init_gpt if cfg.init_gpt else f'd{cfg.depth} from scratch'}, "
+                  f"encoder {cfg.init_encoder}")
+    print0(origin)
     if cfg.freeze_sam:
         model.encoder.freeze_sam()
     model.encoder.set_activation_checkpointing(cfg.activation_checkpointing)
@@ -223,26 +265,31 @@ def train(cfg):
 
     # ---- optimizers and data ----
     optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.vision_lr,
-                                        cfg.weight_decay, adamw_lr=cfg.adamw_lr if cfg.optimizer == "adamw" else None)
-    forward = torch.compile(model) if cfg.compile else model
+                                        cfg.weight_decay, adamw_lr=cfg.adamw_lr if cfg.optimizer == "adamw" else None,
+                                        vision_muon_lr=cfg.vision_muon_lr or None, vision_fan_in=cfg.vision_fan_in)
+    if cfg.compile and device.type == "cuda":  # in place: parameter names stay as they are in checkpoints
+        model.encoder.compile()
+        model.gpt.compile()
     modes = cfg.modes.split(",")
     for m in modes:
         if m not in MODES:
             raise ValueError(f"unknown mode {m!r}; modes are {list(MODES)}")
     train_task, val_task = build_tasks(cfg, "train", world_size), build_tasks(cfg, "val", world_size)
     loader = VisionDataLoader(train_task, tokenizer, modes, cfg.device_batch_size, cfg.seq_len, rank, world_size,
-                              seed=cfg.seed, num_workers=cfg.num_workers, pad_to_seq_len=cfg.compile)
-    total_batch = cfg.total_batch_size or cfg.device_batch_size * world_size
-    if total_batch % (cfg.device_batch_size * world_size):
-        raise ValueError(f"total_batch_size {total_batch} is not a multiple of device_batch_size x ranks")
-    grad_accum = total_batch // (cfg.device_batch_size * world_size)
+                              seed=cfg.seed, num_workers=cfg.num_workers)
+    tokens_per_micro_batch = cfg.device_batch_size * cfg.seq_len * world_size
+    total_batch = cfg.total_batch_size or tokens_per_micro_batch
+    if total_batch % tokens_per_micro_batch:
+        raise ValueError(f"total_batch_size {total_batch} is not a multiple of device_batch_size x seq_len x ranks "
+                         f"({tokens_per_micro_batch} tokens)")
+    grad_accum = total_batch // tokens_per_micro_batch
     if state is not None:
         for opt, opt_state in zip(optimizers, state["optimizers"]):
             opt.load_state_dict(opt_state)
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
-    print0(f"{len(train_task):,} training samples, batch {total_batch} = {cfg.device_batch_size} x {world_size} ranks "
-           f"x {grad_accum} accumulation steps, seq_len {cfg.seq_len}, modes {modes}")
+    print0(f"{len(train_task):,} training samples, batch {total_batch:,} tokens = {cfg.device_batch_size} rows of "
+           f"{cfg.seq_len} x {world_size} ranks x {grad_accum} accumulation steps, modes {modes}")
 
     # ---- the collapse watch: fixed distinct pages whose encoder outputs must stay apart ----
     collapse_pages = SyntheticPages(cfg.collapse_images, seed=12345, sizes=(768, 1024))
@@ -253,21 +300,32 @@ def train(cfg):
 
     # ---- the loop ----
     train_iter = iter(loader)
-    summary = dict(losses=[], steps=[], val_loss=None, collapse=None, samples=[], start_step=start_step,
-                   n_params=n_params, n_train=n_train)
+    summary = dict(losses=[], steps=[], val_loss=None, collapse=None, samples=[], cer=[], start_step=start_step,
+                   n_params=n_params, n_train=n_train, origin=origin, skipped_samples=[])
     t_start, dt_ema, step = time.time(), None, start_step
     while True:
-        # evaluate: validation loss, the collapse watch, and a read-back of training pages
+        # evaluate: validation loss and image gap, the collapse watch, and reading held-out and training pages
         last = step >= cfg.num_iterations
         if cfg.eval_every > 0 and (last or step % cfg.eval_every == 0):
-            summary["val_loss"] = evaluate(model, cfg, val_task, tokenizer, rank, world_size, autocast)
+            summary.update(evaluate(model, cfg, val_task, tokenizer, rank, world_size, autocast))
             summary["collapse"] = encoder_collapse(model, collapse_views, autocast)
             warn = "  WARNING: encoder outputs are collapsing" if summary["collapse"] > cfg.collapse_warn else ""
-            print0(f"step {step:05d} | val loss {summary['val_loss']:.4f} | "
-                   f"encoder similarity {summary['collapse']:.4f}{warn}")
-            wandb_run.log(dict(step=step, val_loss=summary["val_loss"], encoder_similarity=summary["collapse"]))
-            if master and cfg.sample_count > 0 and step > start_step:  # nothing worth reading before training
-                summary["samples"] = read_back(model, tokenizer, train_task, cfg, modes[0])
+            if step > start_step and summary["gap_blank"] < cfg.gap_warn:
+                warn += "  WARNING: the model barely looks at the image (a blank page costs it almost nothing)"
+            print0(f"step {step:05d} | val loss {summary['val_loss']:.4f} | image gap blank {summary['gap_blank']:+.3f}"
+                   f" other {summary['gap_other']:+.3f} | encoder similarity {summary['collapse']:.4f}{warn}")
+            wandb_run.log(dict(step=step, val_loss=summary["val_loss"], gap_blank=summary["gap_blank"],
+                               gap_other=summary["gap_other"], encoder_similarity=summary["collapse"]))
+            if master and cfg.cer_pages > 0:
+                heldout = read_pages(model, tokenizer, val_task, cfg.cer_pages, modes[0], cfg.sample_tokens)
+                training = read_pages(model, tokenizer, train_task, cfg.cer_pages, modes[0], cfg.sample_tokens)
+                summary["cer"].append((step, character_error_rate(heldout), character_error_rate(training), len(heldout)))
+                summary["samples"] = heldout[:cfg.sample_count]
+                print0(f"step {step:05d} | held-out CER {summary['cer'][-1][1]:.3f} ({len(heldout)} pages) | "
+                       f"training CER {summary['cer'][-1][2]:.3f} ({len(training)} pages)")
+                for expected, read in summary["samples"]:
+                    print0(f"  {'EXACT' if read == expected else 'differs'} | expected {expected[:60]!r} | read {read[:60]!r}")
+                wandb_run.log(dict(step=step, heldout_cer=summary["cer"][-1][1], training_cer=summary["cer"][-1][2]))
         if last:
             break
 
@@ -275,15 +333,25 @@ def train(cfg):
         t0 = time.time()
         loss_sum = torch.zeros((), device=device)
         flops, tokens, images = 0, 0, 0
+        if step == cfg.skip_step:  # the batches that gave a non-finite loss: drawn and dropped
+            for _ in range(grad_accum):
+                next(train_iter)
+            print0(f"step {step}: skipped its {grad_accum} batch(es) (--skip_step)")
+        data_s = 0.0
         for _ in range(grad_accum):
+            t_data = time.time()
             batch = next(train_iter)
-            input_ids, targets = batch["input_ids"].to(device), batch["targets"].to(device)
+            data_s += time.time() - t_data
+            for detail in batch["skip_details"]:
+                print0(f"skipped sample: {detail}")
+            summary["skipped_samples"] += batch["skip_details"]
             with autocast:
-                loss = forward(input_ids, targets, batch["images"])
+                loss = model(*(batch[k].to(device) for k in ("input_ids", "targets")), batch["images"],
+                             doc_ids=batch["doc_ids"].to(device), positions=batch["positions"].to(device))
             loss_sum += loss.detach()
             (loss / grad_accum).backward()
-            flops += model.train_flops(input_ids.numel(), input_ids.size(1), batch["images"])
-            tokens += int((input_ids != loader.pad_id).sum())
+            flops += model.train_flops(batch["doc_lengths"], batch["images"])
+            tokens += sum(batch["doc_lengths"])
             images += len(batch["images"])
 
         # a non-finite loss on any rank stops every rank before the update
@@ -291,8 +359,11 @@ def train(cfg):
         if ddp:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
-            print0(f"step {step}: loss is {loss_sum.item() / grad_accum} - stopping before the update; "
-                   f"the last good checkpoint in {out_dir} is untouched")
+            saved = [os.path.basename(c) for c in list_checkpoints(out_dir)]
+            print0(f"step {step}: the loss is not finite ({loss_sum.item() / grad_accum}); stopped before the update. "
+                   f"The newest checkpoint ({saved[-1] if saved else 'none'} in {out_dir}) holds the weights that led "
+                   f"here, and --resume replays the same batches: resume with --skip_step={step} to drop this step's "
+                   f"batches, or with lower learning rates if the loss was climbing.")
             compute_cleanup()
             raise SystemExit(1)
 
@@ -302,16 +373,22 @@ def train(cfg):
                 p.grad = torch.zeros_like(p)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t_opt = time.time()
         lrm = lr_multiplier(cfg, step)
+        held = {"gpt"} if step < cfg.gpt_hold_steps else set()
+        held |= {"vision"} if step < cfg.vision_hold_steps else set()
         for opt in optimizers:
             for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
+                group["lr"] = group["initial_lr"] * lrm * (0.0 if group.get("kind", "gpt") in held else 1.0)
                 if "momentum" in group:
                     group["momentum"] = muon_momentum(step)
             opt.step()
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
+        opt_s = time.time() - t_opt
         dt = time.time() - t0
         step += 1
 
@@ -327,17 +404,17 @@ def train(cfg):
                f"tok/s {tokens * world_size / dt:,.0f} | img/s {images * world_size / dt:.1f} | mfu {mfu} | "
                f"dt {dt * 1000:.0f}ms | eta {eta / 60:.1f}m" + skipped)
         wandb_run.log(dict(step=step, loss=loss_value, lrm=lrm, dt=dt, tokens_per_s=tokens * world_size / dt))
-        summary.update(final_loss=loss_value, tokens_per_s=tokens * world_size / dt,
-                       images_per_s=images * world_size / dt, mfu=mfu)
-        summary["steps"].append(dict(dt=dt, tokens_per_s=tokens * world_size / dt,
-                                     images_per_s=images * world_size / dt, mfu=mfu_value))
+        summary["final_loss"] = loss_value
+        summary["steps"].append(dict(dt=dt, data_s=data_s, opt_s=opt_s, tokens=tokens * world_size, images=images * world_size,
+                                     tokens_per_s=tokens * world_size / dt, images_per_s=images * world_size / dt,
+                                     mfu=mfu_value))
 
         # checkpoint
         if step == cfg.num_iterations or (cfg.save_every > 0 and step % cfg.save_every == 0):
             meta = dict(train_config=asdict(cfg), train_loss=loss_value, val_loss=summary["val_loss"],
                         world_size=world_size)
             summary["checkpoint"] = save_checkpoint(out_dir, step, model, tokenizer, meta, optimizers,
-                                                    loader.state_dict(), rank)
+                                                    loader.state_dict(), rank, cfg.keep_checkpoints)
             print0(f"saved {summary['checkpoint']}")
 
     summary["elapsed"] = time.time() - t_start
@@ -353,16 +430,40 @@ def train(cfg):
 
 
 def write_report(cfg, summary):
-    """This stage's section of report.md."""
+    """This stage's section of report.md, with the CER curve beside it as a PNG."""
     val = "-" if summary["val_loss"] is None else f"{summary['val_loss']:.4f}"
-    append_report(f"Training {cfg.stage} ({cfg.tag()})", [
-        f"- config: {', '.join(f'{k}={v}' for k, v in asdict(cfg).items())}",
+    unused = ("init_gpt", "init_gpt_step", "init_encoder", "sam_source", "clip_source", "deepseek_source", "depth",
+              "encoder", "tokenizer", "vocab_size") if cfg.init_from or cfg.resume else ()  # the checkpoint decided these
+    steps = summary["steps"]
+    seconds = sum(s["dt"] for s in steps) or float("nan")
+    mfus = [s["mfu"] for s in steps if s["mfu"] is not None]
+    lines = [
+        f"- {summary['origin']}",
+        f"- config: {', '.join(f'{k}={v}' for k, v in asdict(cfg).items() if k not in unused)}",
         f"- parameters: {summary['n_params']:,} ({summary['n_train']:,} trainable)",
         f"- steps {summary['start_step']} -> {summary['start_step'] + len(summary['losses'])}, "
         f"{summary['elapsed'] / 60:.1f} min; final train loss {summary.get('final_loss', float('nan')):.4f}; "
         f"val loss {val}",
-        f"- throughput: {summary.get('tokens_per_s', 0):,.0f} tok/s, {summary.get('images_per_s', 0):.1f} img/s, "
-        f"MFU {summary.get('mfu', '-')}",
+        f"- throughput over the run's {len(steps)} steps: {sum(s['tokens'] for s in steps) / seconds:,.0f} tok/s, "
+        f"{sum(s['images'] for s in steps) / seconds:.1f} img/s, "
+        f"MFU {f'{100 * sum(mfus) / len(mfus):.1f}%' if mfus else '-'}",
         f"- encoder similarity (collapse watch): {summary['collapse']}",
-        *[f"- sample: expected `{e[:80]!r}` / generated `{g[:80]!r}`" for e, g in summary["samples"]],
-    ])
+    ]
+    skipped = summary["skipped_samples"]
+    if skipped:
+        lines.append(f"- skipped samples ({len(skipped)}): " + "; ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""))
+    if summary["val_loss"] is not None:
+        lines.append(f"- image gap (answer loss with a blank page / another page's image, minus with its own): "
+                     f"{summary['gap_blank']:+.3f} / {summary['gap_other']:+.3f} nats per token")
+    if summary["cer"]:
+        step, heldout, training, n = summary["cer"][-1]
+        curve = f"cer_{cfg.stage}_{cfg.tag()}.png"
+        line_plot({"held-out CER": [(s, h) for s, h, _, _ in summary["cer"]],
+                   "training CER": [(s, t) for s, _, t, _ in summary["cer"]]},
+                  os.path.join(base_dir(), curve), "step", "character error rate")
+        lines += [f"held-out CER: {heldout:.3f} ({n} pages)", f"training CER: {training:.3f} ({n} pages)",
+                  "- CER at each eval (step: held-out / training): " +
+                  ", ".join(f"{s}: {h:.3f} / {t:.3f}" for s, h, t, _ in summary["cer"]),
+                  f"![character error rate]({curve})"]
+        lines += [f"- held-out page: expected `{e[:80]!r}` / read `{r[:80]!r}`" for e, r in summary["samples"]]
+    append_report(f"Training {cfg.stage} ({cfg.tag()})", lines)

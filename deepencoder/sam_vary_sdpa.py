@@ -1,7 +1,7 @@
 """
 SAM ViT-B image encoder (Kirillov et al. 2023) with DeepSeek-OCR's 16x conv compressor (net_2, net_3).
-Window attention in most blocks, global attention in a few, decomposed relative positions added as the
-SDPA mask. Module names follow Meta's SAM so its weights (and DeepSeek-OCR's sam_model) load 1:1.
+Window attention in most blocks, global attention in a few, decomposed relative positions: on CUDA a fused
+FlexAttention score modification, elsewhere an SDPA mask (the reference it is tested against). Module names follow Meta's SAM so its weights (and DeepSeek-OCR's sam_model) load 1:1.
 """
 from dataclasses import dataclass
 
@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from common import compiled_flex_attention
 
 
 @dataclass
@@ -83,6 +85,36 @@ def get_rel_pos(q_size, k_size, rel_pos):
     return (select @ rel_pos.float()).to(rel_pos.dtype)
 
 
+def relative_position_terms(q, rel_pos_h, rel_pos_w, H, W):
+    """SAM's decomposed relative positions, from the unscaled queries (B, heads, H*W, C): rel_h (B, heads, H*W, H)
+    and rel_w (B, heads, H*W, W). The bias of query i on key (kh, kw) is rel_h[..., i, kh] + rel_w[..., i, kw]."""
+    B, n, _, C = q.shape
+    r_q = q.reshape(B, n, H, W, C)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, get_rel_pos(H, H, rel_pos_h))
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, get_rel_pos(W, W, rel_pos_w))
+    return rel_h.reshape(B, n, H * W, H), rel_w.reshape(B, n, H * W, W)
+
+
+def fused_attention(q, k, v, rel_h, rel_w, W, flex=None):
+    """Attention with the decomposed bias as FlexAttention's score modification: the (H*W)^2 bias is never built,
+    all heads go in one fused kernel (compiled on CUDA)."""
+    def add_bias(score, b, h, q_idx, kv_idx):
+        return score + rel_h[b, h, q_idx, kv_idx // W] + rel_w[b, h, q_idx, kv_idx % W]
+    return (flex or compiled_flex_attention())(q, k, v, score_mod=add_bias)
+
+
+def reference_attention(q, k, v, rel_h, rel_w):
+    """The same attention with the bias built as an SDPA mask; at large grids one head at a time keeps it small."""
+    B, n, HW, H = rel_h.shape
+    step = n if HW <= 1024 else 1
+    out = []
+    for h0 in range(0, n, step):
+        bias = (rel_h[:, h0:h0 + step, :, :, None] + rel_w[:, h0:h0 + step, :, None, :]).reshape(B, -1, HW, HW)
+        out.append(F.scaled_dot_product_attention(q[:, h0:h0 + step], k[:, h0:h0 + step], v[:, h0:h0 + step],
+                                                  attn_mask=bias.to(q.dtype)))
+    return torch.cat(out, dim=1)
+
+
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, input_size):
         super().__init__()
@@ -97,21 +129,12 @@ class Attention(nn.Module):
         B, H, W, _ = x.shape
         qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, HW, head_dim)
-        Rh = get_rel_pos(H, H, self.rel_pos_h)
-        Rw = get_rel_pos(W, W, self.rel_pos_w)
-        # global blocks at large grids: one head at a time keeps the (HW x HW) bias and scores small
-        step = self.num_heads if H * W <= 1024 else 1
-        out = []
-        for h0 in range(0, self.num_heads, step):
-            qh = q[:, h0:h0 + step]
-            # decomposed relative position bias, from the unscaled queries (as SAM does)
-            r_q = qh.reshape(B, qh.size(1), H, W, -1)
-            rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh)
-            rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw)
-            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, qh.size(1), H * W, H * W)
-            out.append(F.scaled_dot_product_attention(qh, k[:, h0:h0 + step], v[:, h0:h0 + step], attn_mask=bias.to(q.dtype)))
-        x = torch.cat(out, dim=1).transpose(1, 2).reshape(B, H, W, -1)
-        return self.proj(x)
+        rel_h, rel_w = relative_position_terms(q, self.rel_pos_h, self.rel_pos_w, H, W)
+        if q.is_cuda:
+            y = fused_attention(q, k, v, rel_h.to(q.dtype), rel_w.to(q.dtype), W)
+        else:
+            y = reference_attention(q, k, v, rel_h, rel_w)
+        return self.proj(y.transpose(1, 2).reshape(B, H, W, -1))
 
 
 class MLPBlock(nn.Module):

@@ -9,17 +9,14 @@ import argparse
 import os
 import sys
 
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from common import append_report, run_command
+from common import append_report, line_plot, run_command
 from config import base_dir
 from engine import add_reader_args, load_engine
 from image_process import load_image, vision_features
 from metrics import fox_scores
-from tasks.synthetic import SyntheticPages, font
-
-COLOURS = [(200, 40, 40), (40, 90, 200), (30, 150, 60), (200, 130, 0), (120, 40, 160)]
+from tasks.synthetic import SyntheticPages
 
 
 def run(engine, pages, modes, max_tokens):
@@ -48,39 +45,6 @@ def binned(rows, modes, width):
     return out
 
 
-def plot(curves, path):
-    """Precision (%) against compression ratio, drawn with Pillow."""
-    W, H, m = 900, 600, 70
-    image = Image.new("RGB", (W, H), (255, 255, 255))
-    d = ImageDraw.Draw(image)
-    f = font(16)
-    xmax = max([c for pts in curves.values() for _, c, _, _ in pts] + [1.0]) * 1.1
-
-    def sx(x):
-        return m + (W - 2 * m) * x / xmax
-
-    def sy(y):
-        return H - m - (H - 2 * m) * y / 100
-    d.line((m, H - m, W - m, H - m), fill=(0, 0, 0), width=2)
-    d.line((m, m, m, H - m), fill=(0, 0, 0), width=2)
-    for y in range(0, 101, 20):
-        d.text((m - 40, sy(y) - 8), str(y), font=f, fill=(0, 0, 0))
-    for k in range(6):
-        d.text((sx(xmax * k / 5) - 10, H - m + 8), f"{xmax * k / 5:.1f}", font=f, fill=(0, 0, 0))
-    d.text((W // 2 - 140, H - 30), "compression (text tokens per vision token)", font=f, fill=(0, 0, 0))
-    d.text((10, 20), "precision (%)", font=f, fill=(0, 0, 0))
-    for i, (mode, pts) in enumerate(curves.items()):
-        colour = COLOURS[i % len(COLOURS)]
-        xy = [(sx(c), sy(100 * p)) for _, c, p, _ in pts]
-        if len(xy) > 1:
-            d.line(xy, fill=colour, width=3)
-        for x, y in xy:
-            d.ellipse((x - 5, y - 5, x + 5, y + 5), fill=colour)
-        d.text((W - m - 150, m + 24 * i), f"{mode} ({vision_features(mode)} tokens)", font=f, fill=colour)
-    image.save(path)
-    return path
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="compression study on synthetic pages")
     parser.add_argument("--pages", type=int, default=200)
@@ -99,7 +63,9 @@ def main(argv=None):
     for k, (lo, *_rest) in enumerate(curves[modes[0]]):
         lines.append(f"| {lo}-{lo + args.bin_width} | " + " | ".join(
             f"{curves[m][k][1]:.1f}x, {100 * curves[m][k][2]:.1f}% ({curves[m][k][3]})" for m in modes) + " |")
-    path = plot(curves, args.out or os.path.join(base_dir(), "compression.png"))
+    path = line_plot({f"{m} ({vision_features(m)} tokens)": [(c, 100 * p) for _, c, p, _ in curves[m]] for m in modes},
+                     args.out or os.path.join(base_dir(), "compression.png"),
+                     "compression (text tokens per vision token)", "precision (%)")
     print(f"compression study: {len(pages)} synthetic pages, checkpoint {checkpoint}")
     print("\n".join(lines) + f"\nplot: {path}")
     append_report("Compression study (synthetic pages)", lines + [f"- plot: {path}"])

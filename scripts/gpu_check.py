@@ -1,42 +1,120 @@
 """
-One-GPU check of the real scale: d20 GPT (vocab 65536) + the full DeepEncoder in Base mode on synthetic pages,
-a few steps of stage 1 (everything trains) and of stage 2 (SAM frozen, 10% text). Prints step time, tokens/s,
-images/s, MFU and peak memory, as a table at the end. About 5 minutes on an H100 (random weights: no downloads).
+One-GPU check of the real scale: d20 GPT (vocab 65536) + the full DeepEncoder in Base mode on synthetic pages
+(rendered beforehand, in parallel), a few steps of stage 1 (everything trains) and of stage 2 (SAM frozen,
+10% text), packed rows, compiled. Prints per stage: the first step (compilation included), the steady step time,
+real tokens/s, images/s, MFU, peak memory, and where a step goes: waiting for data, the encoder, the GPT and the
+optimizers (encoder and GPT split by timing each alone on one fixed batch). Random weights: no downloads.
 
-  python -m scripts.gpu_check                # on the GPU
+  bash scripts/gpu_check.sh                  # on the GPU
   python -m scripts.gpu_check --tiny         # a CPU dry run of the same path with the tiny model
 """
 import argparse
 import statistics
+import time
+from multiprocessing import Pool
 
+import torch
+
+from checkpoint import load_model
+from common import autocast_context
+from dataloader import VisionDataLoader
 from scripts.tok_train import load_or_train_tokenizer
-from train import TrainConfig, train
+from tasks.synthetic import SyntheticPages
+from train import TrainConfig, build_tasks, train
+
+
+def render(args):
+    pages, i = args
+    pages[i]
+
+
+def prerender(cfg, workers):
+    """Synthetic pages rendered to disk before the clock starts, as a prepared dataset would be."""
+    pages = SyntheticPages(cfg.num_synthetic, cfg.seed, cfg.synthetic_kinds.split(","),
+                           (cfg.synthetic_min_size, cfg.synthetic_max_size))
+    with Pool(max(1, workers)) as pool:
+        pool.map(render, [(pages, i) for i in range(len(pages))])
+
+
+def timed(fn, device, repeats=3):
+    fn()  # warm-up (and compilation)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats
+
+
+def encoder_and_gpt_seconds(cfg, checkpoint, device):
+    """Forward+backward of one fixed micro-batch, the encoder's and the GPT's apart."""
+    model, tokenizer, _ = load_model(checkpoint, device)
+    if cfg.freeze_sam:
+        model.encoder.freeze_sam()
+    model.encoder.set_activation_checkpointing(cfg.activation_checkpointing)
+    if cfg.compile and device.type == "cuda":
+        model.encoder.compile()
+        model.gpt.compile()
+    batch = next(iter(VisionDataLoader(build_tasks(cfg, "train", 1), tokenizer, cfg.modes.split(","),
+                                       cfg.device_batch_size, cfg.seq_len)))
+    ids, targets, doc_ids, positions = (batch[k].to(device) for k in ("input_ids", "targets", "doc_ids", "positions"))
+    autocast = autocast_context(device)
+
+    def encoder():
+        with autocast:
+            features = torch.cat(model.encode_images(batch["images"]))
+        features.float().square().mean().backward()
+
+    with torch.no_grad(), autocast:
+        embeds = model.embed(ids, batch["images"]).detach()
+
+    def gpt():
+        from gpt import document_mask
+        with autocast:
+            loss = model.gpt(inputs_embeds=embeds, targets=targets, positions=positions, attn_mask=document_mask(doc_ids))
+        loss.backward()
+    return timed(encoder, device), timed(gpt, device)
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--device_batch_size", type=int, default=4)
+    parser.add_argument("--device_batch_size", type=int, default=8, help="rows of seq_len tokens")
+    parser.add_argument("--num_workers", type=int, default=12)
+    parser.add_argument("--compile", type=int, default=1)
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
     load_or_train_tokenizer()
     common = dict(model_tag="gpu-check", init_encoder="random", modes="base", num_synthetic=512, synthetic_min_size=1000,
-                  synthetic_max_size=1600, device_batch_size=args.device_batch_size, num_iterations=args.steps, warmup_steps=2,
-                  eval_every=0, sample_count=0, save_every=0, num_workers=8, vocab_size=65536, activation_checkpointing=True)
+                  synthetic_max_size=1600, device_batch_size=args.device_batch_size, num_iterations=args.steps,
+                  warmup_steps=2, eval_every=0, cer_pages=0, sample_count=0, save_every=0, num_workers=args.num_workers,
+                  vocab_size=65536, activation_checkpointing=True, compile=bool(args.compile))
     if args.tiny:
         common.update(encoder="tiny", depth=2, modes="tiny", vocab_size=0, num_workers=0, device_batch_size=2,
-                      synthetic_min_size=512, synthetic_max_size=700)
+                      synthetic_min_size=512, synthetic_max_size=700, num_synthetic=16)
     rows = []
     for stage, extra in (("stage1", dict(seq_len=4096)), ("stage2", dict(seq_len=8192, freeze_sam=True, text_fraction=0.1))):
-        summary = train(TrainConfig(stage=f"{stage}-gpu-check", **common, **extra))
-        steady = summary["steps"][2:] or summary["steps"]  # the first steps warm up kernels and loader workers
-        medians = {key: statistics.median(s[key] for s in steady) if steady[0][key] is not None else None
-                   for key in ("dt", "tokens_per_s", "images_per_s", "mfu")}
-        rows.append((stage, *medians.values(), summary["peak_memory_gib"]))
-    print(f"\n{'stage':<8} {'step s':>8} {'tok/s':>10} {'img/s':>8} {'MFU':>7} {'peak GiB':>9}")
-    for stage, dt, tok, img, mfu, mem in rows:
-        print(f"{stage:<8} {dt:>8.3f} {tok:>10,.0f} {img:>8.1f} {'-' if mfu is None else f'{100 * mfu:.1f}%':>7} "
-              f"{'-' if mem is None else f'{mem:.1f}':>9}")
+        cfg = TrainConfig(stage=f"{stage}-gpu-check", **common, **extra)
+        prerender(cfg, args.num_workers)
+        summary = train(cfg)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        steady = summary["steps"][2:] or summary["steps"]  # the first steps compile and fill the loader's queue
+        median = {key: statistics.median(s[key] for s in steady) for key in ("dt", "tokens_per_s", "images_per_s", "data_s",
+                                                                            "opt_s")}
+        mfu = statistics.median(s["mfu"] for s in steady) if steady[0]["mfu"] is not None else None
+        encoder_s, gpt_s = encoder_and_gpt_seconds(cfg, summary["checkpoint"], device)
+        compute = max(median["dt"] - median["data_s"] - median["opt_s"], 0.0)
+        shares = [median["data_s"], compute * encoder_s / (encoder_s + gpt_s), compute * gpt_s / (encoder_s + gpt_s),
+                  median["opt_s"]]
+        rows.append((stage, summary["steps"][0]["dt"], median["dt"], median["tokens_per_s"], median["images_per_s"], mfu,
+                     summary["peak_memory_gib"], [100 * x / median["dt"] for x in shares]))
+    print(f"\n{'stage':<8} {'first s':>8} {'step s':>7} {'real tok/s':>11} {'img/s':>7} {'MFU':>6} {'peak GiB':>9} "
+          f"{'data':>6} {'encoder':>8} {'GPT':>6} {'optim':>6}")
+    for stage, first, dt, tok, img, mfu, mem, (data, enc, gpt_share, opt) in rows:
+        print(f"{stage:<8} {first:>8.1f} {dt:>7.3f} {tok:>11,.0f} {img:>7.1f} {'-' if mfu is None else f'{100 * mfu:.1f}%':>6} "
+              f"{'-' if mem is None else f'{mem:.1f}':>9} {data:>5.0f}% {enc:>7.0f}% {gpt_share:>5.0f}% {opt:>5.0f}%")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ from train import TrainConfig, train
 
 if __name__ == "__main__":
     cfg = parse_overrides(TrainConfig(stage="stage2", seq_len=8192, schedule="step", freeze_sam=True, text_fraction=0.1,
-                                      warmup_steps=0, adamw_lr=3e-5))
+                                      warmup_steps=0, adamw_lr=3e-5), description=__doc__)
     if not cfg.init_from and not cfg.resume:
         cfg.init_from = checkpoint_dir("stage1", cfg.tag())
         if not list_checkpoints(cfg.init_from):
-            raise SystemExit(f"no stage-1 checkpoint in {cfg.init_from}: run scripts.vis_tok_train first, or pass --init_from")
-    train(cfg)
+            raise SystemExit(f"no stage-1 checkpoint in {cfg.init_from}: run scripts.vis_tok_train first, "
+                             "or pass --init_from")
+    run_command(train, cfg)

@@ -13,7 +13,7 @@ from tasks.olmocr import OlmOCR
 from tasks.plotqa import PlotQA
 from tasks.pubtables import PubTables
 from tasks.smoltalk import SmolTalk
-from tasks.synthetic import SyntheticChat, SyntheticPages
+from tasks.synthetic import SyntheticChat, SyntheticPages, SyntheticReading
 
 VISION_TASKS = [(DocBank, 2.0), (OlmOCR, 2.0), (LlavaCC3M, 1.0), (PlotQA, 1.0), (ChartQA, 1.0), (FigureQA, 1.0),
                 (PubTables, 1.0), (LatexFormulas, 1.0), (MathWriting, 1.0)]
@@ -34,20 +34,23 @@ def split_of(cls, split, max_samples, source=None):
 
 def mixture(data, split, seed, num_samples=None, text_fraction=0.0, max_samples=0, synthetic=None):
     """
-    The training or validation mixture. data: "synthetic" (SyntheticPages with the `synthetic` keyword arguments;
-    validation pages come from another seed) or "real" (the nine datasets). num_samples: the mixture's length
+    The training or validation mixture. data: "reading" (SyntheticReading: plain text lines rendered on the fly,
+    an endless stream), "synthetic" (SyntheticPages with the `synthetic` keyword arguments) or "real" (the nine
+    datasets); synthetic validation pages come from a seed training never uses. num_samples: the mixture's length
     (None: all the examples); text_fraction: the share of text-only conversations.
     """
-    if data == "synthetic":
+    if data in ("reading", "synthetic"):
         seed_pages = seed if split == "train" else seed + 1  # validation pages differ from the training pages
         count = num_samples or synthetic["num_samples"]
-        tasks = [(SyntheticPages(**dict(synthetic, num_samples=count, seed=seed_pages)), 1.0)]
+        pages = SyntheticReading(count, seed_pages) if data == "reading" else \
+            SyntheticPages(**dict(synthetic, num_samples=count, seed=seed_pages))
+        tasks = [(pages, 1.0)]
         text = SyntheticChat(count, seed_pages)
     elif data == "real":
         tasks = [(split_of(cls, split, max_samples or None), w) for cls, w in VISION_TASKS]
         text = SmolTalk("train" if split == "train" else "test", max_samples=max_samples or None)
     else:
-        raise ValueError(f"--data must be synthetic or real, got {data!r}")
+        raise ValueError(f"--data must be reading, synthetic or real, got {data!r}")
     if text_fraction > 0:
         tasks.append((text, text_fraction / (1 - text_fraction) * sum(w for _, w in tasks)))
     return VisionTaskMixture([t for t, _ in tasks], [w for _, w in tasks], num_samples=num_samples, seed=seed)

@@ -269,6 +269,55 @@ class SyntheticPages(Task):
         return sample
 
 
+def reading_text(rng, min_chars=20):
+    """2-4 short lines of dictionary words, numbers and random letter strings, min_chars characters at least:
+    text with little prior to guess from, so a model can only lower its loss by reading the page."""
+    def item():
+        kind = rng.random()
+        if kind < 0.4:
+            return rng.choice(WORDS)
+        if kind < 0.7:
+            return str(rng.randint(0, 10 ** rng.randint(1, 4) - 1))
+        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 6)))
+    while True:
+        lines = [" ".join(item() for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(2, 4))]
+        if sum(map(len, lines)) >= min_chars and max(map(len, lines)) <= 18:
+            return lines
+
+
+def render_reading(rng, size=512):
+    """A size x size page with reading_text() in a clear font, black on white, at a random place and size."""
+    lines = reading_text(rng)
+    fnt = font(rng.randint(30, 40), rng.choice(["sans", "serif", "mono"]))
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    line_h = int(fnt.size * rng.uniform(1.3, 1.6))
+    widest = max(draw.textlength(line, font=fnt) for line in lines)
+    x = rng.randint(16, max(16, int(size - 16 - widest)))
+    y = rng.randint(16, max(16, size - 16 - line_h * len(lines)))
+    ink = (rng.randint(0, 60),) * 3
+    for i, line in enumerate(lines):
+        draw.text((x, y + i * line_h), line, font=fnt, fill=ink)
+    return image, "\n".join(lines)
+
+
+class SyntheticReading(Task):
+    """
+    Pages of plain text lines (render_reading), made on the fly where they are loaded and never stored: a stream
+    too large to memorise. (seed, index) fixes each page, so another seed is a held-out set.
+    """
+    def __init__(self, num_samples=10_000_000, seed=0, size=512, **kwargs):
+        super().__init__(**kwargs)
+        self.num_samples, self.seed, self.size = num_samples, seed, size
+
+    def num_examples(self):
+        return self.num_samples
+
+    def get_example(self, index):
+        image, text = render_reading(random.Random(f"reading-{self.seed}-{index}"), self.size)
+        return dict(text=f"<image>\n{FREE_OCR}", response=text, image=image)
+
+
 def corpus(num_docs=2000, seed=0):
     """Text for training a tokenizer offline: the responses synthetic pages produce."""
     for i in range(num_docs):

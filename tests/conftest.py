@@ -51,7 +51,7 @@ def tiny_train_config(tokenizer_dir, **overrides):
     """Stage-1 config of a tiny model on synthetic formula pages, for CPU tests."""
     from train import TrainConfig
     cfg = TrainConfig(encoder="tiny", depth=2, modes="tiny", init_encoder="random", tokenizer=tokenizer_dir, num_synthetic=8,
-                      synthetic_kinds="formula", synthetic_max_size=640, device_batch_size=4, num_workers=0, seq_len=256,
+                      synthetic_kinds="formula", synthetic_max_size=640, device_batch_size=2, num_workers=0, seq_len=256,
                       num_iterations=4, warmup_steps=1, eval_every=0, sample_count=0, save_every=0, vision_lr=1e-5)
     for key, value in overrides.items():
         setattr(cfg, key, value)
@@ -62,5 +62,5 @@ def tiny_train_config(tokenizer_dir, **overrides):
 def overfit_run(tokenizer_dir):
     """Tier 1: a tiny model trained to memorise 8 synthetic pages. Returns (config, training summary)."""
     from train import train
-    cfg = tiny_train_config(tokenizer_dir, model_tag="overfit", depth=4, device_batch_size=8, num_iterations=70, warmup_steps=10)
+    cfg = tiny_train_config(tokenizer_dir, model_tag="overfit", depth=4, device_batch_size=3, num_iterations=70, warmup_steps=10)
     return cfg, train(cfg)

@@ -8,6 +8,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 from datasets import Dataset, Features, Image as ImageFeature, Sequence, Value
 from PIL import Image
 
@@ -304,11 +305,12 @@ def pages(tmp_path_factory):
 
 
 def responses(batch, tokenizer):
-    """Which samples a batch holds, read back from its tokens."""
+    """Which samples a packed batch holds, in order, read back from each sample's targets."""
     out = []
-    for targets in batch["targets"]:
-        text = tokenizer.decode([t for t in targets.tolist() if t != -1])
-        out.append(text.split("Free OCR.")[-1].removesuffix("<|assistant_end|>"))
+    for targets, docs in zip(batch["targets"], batch["doc_ids"]):
+        for doc in dict.fromkeys(d for d in docs.tolist() if d >= 0):
+            text = tokenizer.decode([t for t in targets[docs == doc].tolist() if t != -1])
+            out.append(text.removesuffix("<|assistant_end|>"))
     return out
 
 
@@ -316,10 +318,11 @@ def test_ranks_get_disjoint_shards_covering_the_data(pages, tokenizer):
     task = ListTask(pages)
     seen = []
     for rank in range(2):
-        loader = VisionDataLoader(task, tokenizer, "tiny", batch_size=3, seq_len=256, rank=rank, world_size=2, seed=5)
-        it = iter(loader)
-        batches = [next(it) for _ in range(loader.batches_per_epoch())]
-        seen.append([r for b in batches for r in responses(b, tokenizer)])
+        it = iter(VisionDataLoader(task, tokenizer, "tiny", batch_size=3, seq_len=256, rank=rank, world_size=2, seed=5))
+        got = []
+        while len(got) < len(pages) // 2:  # one epoch of this rank's shard
+            got += responses(next(it), tokenizer)
+        seen.append(got[:len(pages) // 2])
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(p["response"] for p in pages)
 
@@ -327,9 +330,11 @@ def test_ranks_get_disjoint_shards_covering_the_data(pages, tokenizer):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_gives_the_same_following_batches(pages, tokenizer, num_workers):
     task = ListTask(pages)
-    make = lambda: VisionDataLoader(task, tokenizer, ("tiny", "small"), batch_size=4, seq_len=256, seed=1, num_workers=num_workers)
+    make = lambda: VisionDataLoader(task, tokenizer, ("tiny", "small"), batch_size=2, seq_len=256, seed=1,
+                                    num_workers=num_workers)
     straight = iter(make())
     reference = [responses(next(straight), tokenizer) for _ in range(9)]  # crosses into the second epoch
+    assert sum(map(len, reference)) > len(pages)
     first = make()
     it = iter(first)
     for _ in range(5):
@@ -341,19 +346,23 @@ def test_resume_gives_the_same_following_batches(pages, tokenizer, num_workers):
     assert [responses(next(it), tokenizer) for _ in range(4)] == reference[5:]
 
 
-def test_targets_and_padding(pages, tokenizer):
-    batch = next(iter(VisionDataLoader(ListTask(pages[:4]), tokenizer, ("tiny", "small"), batch_size=4, seq_len=256, shuffle=False)))
-    ids, targets = batch["input_ids"], batch["targets"]
+def test_packed_rows(pages, tokenizer):
+    batch = next(iter(VisionDataLoader(ListTask(pages[:6]), tokenizer, ("tiny", "small"), batch_size=3, seq_len=256,
+                                       shuffle=False)))
+    ids, targets, docs, positions = batch["input_ids"], batch["targets"], batch["doc_ids"], batch["positions"]
+    # each sample's targets are exactly its response and stop token: neither the prompt nor the slots are learned
+    assert ids.shape == (3, 256) and responses(batch, tokenizer) == [f"page number {i}" for i in range(6)]
     slots = ids == tokenizer.image_token_id
-    assert slots.sum(1).tolist() == [73, 111, 73, 111]  # a fixed mode per sample
-    assert (targets[:, :-1][slots[:, 1:]] == -1).all()  # never predict an <image> slot
-    assert (targets != tokenizer.image_token_id).all()
-    lengths = (targets != -1).sum(1)
-    assert (ids[targets == -1][ids[targets == -1] != tokenizer.image_token_id] == tokenizer.get_bos_token_id()).any()
-    assert len(batch["images"]) == 4 and lengths.min() > 0
+    assert [int(slots[docs == d].sum()) for d in range(6)] == [73, 111] * 3  # whole samples, a fixed mode each
+    assert batch["doc_lengths"] == [int((docs == d).sum()) for d in range(6)]
+    for d in range(6):  # positions restart in each sample
+        assert positions[docs == d].tolist() == list(range(batch["doc_lengths"][d]))
+    assert (targets[docs == -1] == -1).all() and (positions[docs == -1] == 0).all()  # padding is nobody's
+    assert (targets[:, :-1][slots[:, 1:]] == -1).all() and (targets != tokenizer.image_token_id).all()
+    assert [im["pixel_values"].dtype for im in batch["images"]] == [torch.uint8] * 6  # normalised on the device
 
 
-def test_bad_samples_are_skipped_and_counted(pages, tokenizer, tmp_path):
+def test_bad_samples_are_skipped_counted_and_named(pages, tokenizer, tmp_path):
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
     truncated = png_bytes((200, 200))
     (tmp_path / "truncated.png").write_bytes(truncated[:len(truncated) // 2])
@@ -364,15 +373,12 @@ def test_bad_samples_are_skipped_and_counted(pages, tokenizer, tmp_path):
            dict(text="<image>\n<image>\nTwo.", response="x", image_path=pages[0]["image_path"]),  # 2 markers, 1 image
            dict(text="<image>\nFree OCR.", response="x", image_path=pages[1]["image_path"], mode="ignored")]
     task = ListTask(pages[:6] + bad)
-    loader = VisionDataLoader(task, tokenizer, "small", batch_size=6, seq_len=100, shuffle=False)  # 111 slots never fit 100
-    it = iter(loader)
-    batches = [next(it) for _ in range(2)]
-    assert all(b["input_ids"].shape[0] == 1 and len(b["images"]) == 0 for b in batches)
-    assert (batches[0]["targets"] == -1).all()
-    assert loader.skipped == {"image does not fit seq_len": 7, "missing image": 1, "unreadable image": 2,
-                              "empty response": 1, "malformed sample": 1}
-    ok = VisionDataLoader(ListTask(pages[:6] + bad), tokenizer, "tiny", batch_size=12, seq_len=200, shuffle=False)
-    batch = next(iter(ok))
-    assert batch["input_ids"].shape[0] == 7 and len(batch["images"]) == 7
+    loader = VisionDataLoader(task, tokenizer, "small", batch_size=2, seq_len=100, shuffle=False)  # 111 slots never fit 100
+    with pytest.raises(RuntimeError, match="no usable sample in a whole epoch"):
+        next(iter(loader))
+    assert loader.skipped["image does not fit seq_len"] >= 7 and loader.skipped["malformed sample"] >= 1
+    ok = VisionDataLoader(ListTask(pages[:6] + bad), tokenizer, "tiny", batch_size=4, seq_len=200, shuffle=False)
+    batch = next(iter(ok))  # 8 samples' room: the epoch's 7 good ones, then the second epoch begins
+    assert responses(batch, tokenizer)[:7] == [f"page number {i}" for i in range(6)] + ["x"]
     assert dict(ok.skipped) == {"missing image": 1, "unreadable image": 2, "empty response": 1, "malformed sample": 1}
-    assert any("missing.png" in d for d in batch["skip_details"])
+    assert any("missing.png" in d for d in batch["skip_details"]) and any("truncated.png" in d for d in batch["skip_details"])

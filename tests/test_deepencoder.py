@@ -204,3 +204,20 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in encoder.sam_model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("H,W", [(14, 14), (36, 36)])  # a window block, and a global grid past the per-head threshold
+def test_fused_sam_attention_equals_the_reference(H, W):
+    """The CUDA path (the relative-position bias as a FlexAttention score modification) against the SDPA-mask path.
+    Forward only: FlexAttention has no CPU backward; on CUDA its gradients are torch's."""
+    import warnings
+    from torch.nn.attention.flex_attention import flex_attention
+    from deepencoder.sam_vary_sdpa import fused_attention, reference_attention, relative_position_terms
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, H * W, 16, generator=g) for _ in range(3))
+    rel_pos_h, rel_pos_w = torch.randn(2 * H - 1, 16, generator=g), torch.randn(27, 16, generator=g)  # resized rows
+    rel_h, rel_w = relative_position_terms(q, rel_pos_h, rel_pos_w, H, W)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # "called without torch.compile": the unfused form is the point here
+        fused = fused_attention(q, k, v, rel_h, rel_w, W, flex=flex_attention)
+    torch.testing.assert_close(fused, reference_attention(q, k, v, rel_h, rel_w), rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from checkpoint import save_checkpoint
+from common import line_plot
 from engine import Engine
 from grounding import strip_grounding
 from metrics import edit_distance, normalized_edit_distance, fox_scores, exact_match
@@ -69,6 +70,11 @@ def test_vision_sample_runs_on_a_random_model(make_model, tokenizer, tmp_path, c
     assert out.count("EXPECTED: ") == 9 and out.count("GENERATED: ") == 9 and checkpoint in out
     html = (tmp_path / "out.html").read_text()
     assert html.count("<img src=\"data:image/png;base64,") == 9
+    assert html.index("<b>summary: ") < html.index("<img")  # the summary line comes first
+
+
+def test_the_html_diff_is_word_by_word():
+    assert vision_sample.diff_html("the cat sat\non it", "the dog sat\non it") == "the <del>cat</del><ins>dog</ins> sat\non it"
 
 
 def test_vision_sample_reproduces_what_the_overfit_model_learned(overfit_run, tmp_path, capsys):
@@ -122,6 +128,21 @@ def test_fox_runner_on_a_fixture(make_model, tokenizer, tmp_path):
     assert lines[0].startswith("| text tokens") and "| all | 2 |" in lines[-1]
 
 
+def test_fox_goes_on_past_an_unreadable_page(make_model, tokenizer, tmp_path, capsys):
+    pages = fox_fixture(tmp_path / "focus_benchmark_test.zip")
+    folder = tmp_path / "fox" / "focus_benchmark_test"
+    with zipfile.ZipFile(tmp_path / "focus_benchmark_test.zip") as z:
+        z.extractall(tmp_path / "fox")
+    first = folder / "en_pdf_png" / pages[0][0]
+    first.write_bytes(first.read_bytes()[:300])  # a truncated PNG
+    results = eval_fox.evaluate(Engine(make_model().eval(), tokenizer), eval_fox.load_pages(str(tmp_path / "fox")),
+                                ["tiny"], 5, str(tmp_path / "out"))
+    assert [r["image"] for r in results["tiny"]] == [pages[1][0]]  # the other page was read, and saved
+    assert [r["image"] for r in json.load(open(tmp_path / "out" / "fox_en_page_tiny.json"))] == [pages[1][0]]
+    err = capsys.readouterr().err
+    assert f"{first}: cannot read image" in err and "EXIF" not in err
+
+
 def test_omnidocbench_runner_on_a_fixture(make_model, tokenizer, tmp_path):
     os.makedirs(tmp_path / "images")
     Image.new("RGB", (500, 700), (255, 255, 255)).save(tmp_path / "images" / "doc_a.jpg")
@@ -145,5 +166,6 @@ def test_compression_study_runs(make_model, tokenizer, tmp_path):
     assert len(rows) == 6 and {r["vision_features"] for r in rows} == {64, 100}
     curves = eval_compression.binned(rows, ["tiny", "small"], 1000)
     assert curves["tiny"][0][3] == 3 and curves["small"][0][1] < curves["tiny"][0][1]  # more vision tokens, less compression
-    path = eval_compression.plot(curves, str(tmp_path / "plot.png"))
-    assert Image.open(path).size == (900, 600)
+    path = line_plot({m: [(c, 100 * p) for _, c, p, _ in curves[m]] for m in curves}, str(tmp_path / "plot.png"), "x", "y")
+    drawn = np.asarray(Image.open(path).convert("RGB"))
+    assert drawn.shape == (600, 900, 3) and ((drawn == (200, 40, 40)).all(-1)).sum() > 50  # the first line is drawn

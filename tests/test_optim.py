@@ -19,6 +19,29 @@ def test_newton_schulz_orthogonalises():
     assert torch.linalg.svdvals(G).max() / torch.linalg.svdvals(G).min() > 2
 
 
+def test_batched_muon_equals_muon_one_matrix_at_a_time():
+    """Same-shape matrices stacked into one Newton-Schulz iteration give what updating each alone gives."""
+    torch.manual_seed(0)
+    shapes = [(16, 48), (48, 16), (16, 48), (32, 32), (16, 48)]
+    batched = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+    alone = [torch.nn.Parameter(p.detach().clone()) for p in batched]
+    optimizer = Muon(batched, lr=0.05)
+    assert len(optimizer.param_groups) == 3  # one per shape
+    buffers = [torch.zeros_like(p) for p in alone]
+    for step in range(4):
+        grads = [torch.randn(*s) for s in shapes]
+        for p, g in zip(batched, grads):
+            p.grad = g.clone()
+        optimizer.step()
+        with torch.no_grad():  # the update as it was written for one matrix: momentum, Nesterov, orthogonalise, scale
+            for p, g, buf in zip(alone, grads, buffers):
+                buf.lerp_(g, 1 - 0.95)
+                update = zeropower_via_newtonschulz5(g.lerp(buf, 0.95), steps=5)
+                p.add_(update, alpha=-0.05 * max(1, p.size(0) / p.size(1)) ** 0.5)
+    for a, b in zip(batched, alone):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_muon_only_takes_matrices():
     try:
         Muon([torch.nn.Parameter(torch.zeros(3))])

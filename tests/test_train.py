@@ -68,14 +68,14 @@ def test_resume_continues_exactly(tokenizer_dir):
 def test_two_rank_torchrun_keeps_ranks_identical(tokenizer_dir):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     args = ["--encoder=tiny", "--depth=2", "--modes=tiny", "--init_encoder=random", f"--tokenizer={tokenizer_dir}", "--num_synthetic=8",
-            "--synthetic_kinds=formula", "--synthetic_max_size=640", "--device_batch_size=1", "--num_workers=0", "--seq_len=256",
-            "--num_iterations=4", "--warmup_steps=1", "--eval_every=4", "--eval_batches=1", "--sample_count=0", "--save_every=4",
-            "--text_fraction=0.5", "--model_tag=ddp", "--total_batch_size=4"]  # text-only rows leave the encoder unused on a rank
+            "--synthetic_kinds=formula", "--synthetic_max_size=640", "--device_batch_size=1", "--num_workers=0", "--seq_len=128",
+            "--num_iterations=4", "--warmup_steps=1", "--eval_every=4", "--eval_batches=1", "--sample_count=0", "--cer_pages=2", "--save_every=4",
+            "--text_fraction=0.9", "--model_tag=ddp", "--total_batch_size=512"]  # text-only rows leave the encoder unused
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "scripts.vis_tok_train", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "parameters identical on all 2 ranks: True" in out.stdout
-    assert "2 x 2 accumulation steps" in out.stdout.replace("1 x 2 ranks x 2", "2 x 2 accumulation steps")
+    assert "batch 512 tokens = 1 rows of 128 x 2 ranks x 2 accumulation steps" in out.stdout
     ckpt = resolve_checkpoint(checkpoint_dir("stage1", "ddp"))
     assert os.path.exists(os.path.join(ckpt, "rank000.pt")) and os.path.exists(os.path.join(ckpt, "rank001.pt"))
 
@@ -105,9 +105,9 @@ def test_train_flops_count_frozen_parts_once(make_model):
     image = DeepseekOCRProcessor("gundam").process_image(Image.new("RGB", (1500, 700), "white"))
     n_tiles = image["images_spatial_crop"][0] * image["images_spatial_crop"][1]
     assert n_tiles > 1 and image["pixel_values"].shape[-1] == 1024 and image["images_crop"].shape[-1] == 640
-    trained = model.train_flops(num_tokens=100, seq_len=100, images=[image])
+    trained = model.train_flops([100], [image])
     model.encoder.freeze_sam()
-    frozen = model.train_flops(num_tokens=100, seq_len=100, images=[image])
+    frozen = model.train_flops([100], [image])
     views = [model.encoder.flops(1024)] + [model.encoder.flops(640)] * n_tiles
     assert trained - frozen == 2 * sum(f["sam"] for f in views)
     assert frozen == model.gpt.estimate_flops(100) * 100 + sum(3 * f["clip"] + 3 * f["projector"] + f["sam"] for f in views)
@@ -135,7 +135,7 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(make_model, tokenizer, tmp
     assert not os.path.exists(tmp_path / "step_000002.tmp") and resolve_checkpoint(str(tmp_path)).endswith("step_000002")
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_checkpoint(tokenizer_dir, monkeypatch):
+def test_nan_loss_stops_the_run_and_keeps_the_checkpoint(tokenizer_dir, monkeypatch, capsys):
     calls = {"n": 0}
     real_forward = NanoDeepseekOCR.forward
 
@@ -149,6 +149,12 @@ def test_nan_loss_stops_the_run_and_keeps_the_checkpoint(tokenizer_dir, monkeypa
     run_dir = checkpoint_dir("stage1", "nan")
     assert [os.path.basename(p) for p in list_checkpoints(run_dir)] == ["step_000001", "step_000002"]
     load_model(resolve_checkpoint(run_dir))
+    assert "--skip_step=2" in capsys.readouterr().out  # the message says how to get past the batch, not "last good"
+    # resuming with that step's batches dropped goes on to the end (the NaN came from the third forward only)
+    calls["n"] = 100
+    summary = train(tiny_train_config(tokenizer_dir, model_tag="nan", num_iterations=5, save_every=1, resume=True,
+                                      skip_step=2))
+    assert summary["start_step"] == 2 and len(summary["losses"]) == 3
 
 
 def test_schedules():
@@ -157,3 +163,83 @@ def test_schedules():
     assert lr_multiplier(cfg, 55) == pytest.approx(0.55) and lr_multiplier(cfg, 100) == pytest.approx(0.1)
     cfg = TrainConfig(num_iterations=100, warmup_steps=0, schedule="step", step_milestones="0.5,0.8", step_gamma=0.1)
     assert [lr_multiplier(cfg, s) for s in (0, 49, 50, 79, 80)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
+
+
+def test_damaged_checkpoints_are_named_and_resume_falls_back(tokenizer_dir, capsys):
+    first = train(tiny_train_config(tokenizer_dir, model_tag="damaged", num_iterations=3, save_every=1, keep_checkpoints=2))
+    run_dir = checkpoint_dir("stage1", "damaged")
+    assert [os.path.basename(p) for p in list_checkpoints(run_dir)] == ["step_000002", "step_000003"]  # kept the last 2
+    newest = os.path.join(run_dir, "step_000003")
+    model_file = os.path.join(newest, "model.safetensors")
+    data = open(model_file, "rb").read()
+    with open(model_file, "r+b") as f:  # a finite change to one weight: the file still parses
+        f.seek(len(data) - 8)
+        f.write(bytes(8))
+    with pytest.raises(checkpoint.CheckpointError, match="step_000003/model.safetensors: damaged"):
+        resolve_checkpoint(run_dir, step=3)
+    assert resolve_checkpoint(run_dir).endswith("step_000002")  # the newest checkpoint that verifies
+    assert "skipping step_000003" in capsys.readouterr().out
+    # resume takes the good one and continues from there
+    resumed = train(tiny_train_config(tokenizer_dir, model_tag="damaged", num_iterations=4, save_every=1, resume=True))
+    assert resumed["start_step"] == 2 and resumed["losses"][0] == first["losses"][2]
+    # a truncated meta.json in a checkpoint written before manifests is named by load_model
+    meta = os.path.join(resolve_checkpoint(run_dir), "meta.json")
+    os.remove(os.path.join(os.path.dirname(meta), checkpoint.MANIFEST))
+    open(meta, "w").write('{"step": 4, "model_con')
+    with pytest.raises(checkpoint.CheckpointError, match="meta.json: unreadable"):
+        load_model(os.path.dirname(meta))
+
+
+def test_an_unreadable_page_is_named_and_skipped_in_steps_and_evals(tokenizer_dir):
+    cfg = tiny_train_config(tokenizer_dir, model_tag="badpage", num_iterations=2, eval_every=2, cer_pages=3, sample_count=3,
+                            eval_batches=1, synthetic_kinds="formula")
+    pages = SyntheticPages(cfg.num_synthetic, cfg.seed, ["formula"], (cfg.synthetic_min_size, cfg.synthetic_max_size))
+    bad = pages[0]["image_path"]  # the first training page, read back at the eval and drawn into the first batches
+    with open(bad, "r+b") as f:
+        f.truncate(100)
+    summary = train(cfg)
+    assert summary["cer"] and all(bad in detail for detail in summary["skipped_samples"])
+    assert summary["skipped_samples"]  # the training batches met it too, and named it
+    report = open(os.path.join(os.environ["NANO_DEEPSEEK_OCR_DIR"], "report.md")).read()
+    assert f"skipped samples ({len(summary['skipped_samples'])}): {bad}" in report
+
+
+def test_stage_commands_take_every_option_form_and_explain_them(tokenizer_dir):
+    from common import parse_overrides
+    cfg = parse_overrides(TrainConfig(stage="stage2", warmup_steps=0), ["--depth", "4", "--compile", "--vision_lr=2e-5",
+                                                                         "--resume", "false", "--modes", "tiny"])
+    assert (cfg.depth, cfg.compile, cfg.vision_lr, cfg.resume, cfg.modes) == (4, True, 2e-5, False, "tiny")
+    for argv, message in ((["--num_iterations=abc"], "--num_iterations takes an int, got 'abc'"),
+                          (["--num_iteration=3"], "did you mean --num_iterations"), (["--depth"], "--depth needs a value"),
+                          (["depth=3"], "unknown option 'depth=3'")):
+        with pytest.raises(SystemExit, match=message):
+            parse_overrides(TrainConfig(), argv)
+    out = subprocess.run([sys.executable, "-m", "scripts.vis_mid_train", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("Stage 2")
+    listed = {line.split()[0][2:]: line.split()[1:3] for line in out.stdout.splitlines() if line.startswith("  --")}
+    assert set(listed) == set(TrainConfig.__dataclass_fields__)  # every option, with its type and this stage's default
+    assert listed["warmup_steps"] == ["int", "0"] and listed["freeze_sam"] == ["bool", "True"]
+
+
+def test_the_cpu_toy_command_in_the_stage_1_docstring_runs_as_written(tmp_path):
+    import scripts.vis_tok_train
+    command = next(line.split("#")[0] for line in scripts.vis_tok_train.__doc__.splitlines() if "# CPU toy" in line)
+    env = dict(os.environ, NANO_DEEPSEEK_OCR_DIR=str(tmp_path), PYTHONPATH=ROOT)
+    out = subprocess.run(["bash", "-c", command.strip().replace("python ", f"{sys.executable} ")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "held-out CER" in out.stdout and list_checkpoints(os.path.join(tmp_path, "checkpoints", "stage1", "d4-tiny"))
+
+
+def test_image_swaps_for_the_gap_watch():
+    from train import blank_images, other_images
+    images = [dict(pixel_values=torch.full((3, 4, 4), i, dtype=torch.uint8), images_crop=None, images_spatial_crop=(1, 1),
+                   num_image_tokens=73) for i in range(3)]
+    images.append(dict(pixel_values=torch.zeros(3, 8, 8), images_crop=torch.zeros(2, 3, 4, 4), images_spatial_crop=(2, 1),
+                       num_image_tokens=200))
+    blank = blank_images(images)
+    assert all((b["pixel_values"] == 255).all() for b in blank[:3]) and (blank[3]["pixel_values"] == 1.0).all()
+    assert (blank[3]["images_crop"] == 1.0).all() and blank[0]["images_crop"] is None
+    swapped = other_images(images)
+    assert [int(s["pixel_values"][0, 0, 0]) for s in swapped[:3]] == [1, 2, 0]  # round the group of the same layout
+    assert swapped[3] is images[3]  # alone in its layout: nothing to swap with

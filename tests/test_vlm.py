@@ -1,6 +1,8 @@
 """Image processing, slot counts, the slot layout, the merged forward, generation and the OCR command."""
 import io
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from PIL import Image
 
 import image_process
 from config import MODES
+from dataloader import pack, render_sample
 from image_process import DeepseekOCRProcessor, ImageError, load_image, num_image_slots, prepare_image, tile_grid
 from grounding import grounding_boxes
 from scripts.ocr import draw_boxes, main as ocr_main
@@ -86,6 +89,34 @@ def test_layout_order(make_model):
     assert g[:, :q, 0].tolist() == [[1000, 1001], [1002, 1003]] and all(torch.equal(g[r, -1], nl) for r in range(q))
     with torch.no_grad():
         assert torch.equal(model.layout(glob), torch.cat([g.reshape(-1, C), sep[None]]))  # no tiles: global + separator
+
+
+def test_packed_rows_give_the_loss_and_gradients_of_one_sample_per_row(make_model, tokenizer):
+    """Several samples packed into each row, kept apart by the document mask and their own positions, train exactly
+    as the same samples each alone in a row: same summed loss, same gradient for every parameter."""
+    model = make_model(seed=2)
+    rng = np.random.default_rng(3)
+    samples = []
+    for (w, h), mode, response in (((700, 500), "tiny", "first page"), ((900, 600), "small", "2nd"),
+                                   ((300, 300), "tiny", "a third page, longer than the others")):
+        page = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        samples.append(render_sample(dict(text="<image>\nFree OCR.", response=response, image=page), tokenizer,
+                                     DeepseekOCRProcessor(mode, uint8=True), 400))
+    chat, mask = tokenizer.render_conversation(dict(messages=[dict(role="user", content="hi"), dict(role="assistant", content="hello")]), 100)
+    samples.insert(1, dict(ids=chat, mask=mask, images=[]))
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(batch["input_ids"], batch["targets"], batch["images"], "sum", batch["doc_ids"], batch["positions"])
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    packed = pack(samples, rows=2, seq_len=256, pad_id=tokenizer.get_bos_token_id())
+    assert len(set(packed["doc_ids"][0].tolist()) - {-1}) == 3  # the first row really holds several samples
+    loss, grads = loss_and_grads(packed)
+    alone = [loss_and_grads(pack([sample], rows=1, seq_len=256, pad_id=tokenizer.get_bos_token_id())) for sample in samples]
+    torch.testing.assert_close(loss, sum(l for l, _ in alone), rtol=1e-5, atol=1e-4)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, sum(g[name] for _, g in alone if name in g), rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_slot_count_mismatch_is_an_error(make_model, tokenizer):
@@ -168,6 +199,10 @@ def test_grounding_boxes_are_drawn(tmp_path):
     assert boxes[0][1] == pytest.approx((100, 200, 500, 400))
     drawn = np.asarray(draw_boxes(Image.new("RGB", (999, 1998), (255, 255, 255)), boxes))
     assert (drawn[200, 100:500] != 255).any() and (drawn[300, 300] == 255).all()
+    # a model may write a box's corners the other way round: the box comes back ordered and still draws
+    inverted = grounding_boxes("<|ref|>t<|/ref|><|det|>[[500, 200, 100, 100]]<|/det|>\nHi", 999, 1998)
+    assert inverted[0][1] == pytest.approx((100, 200, 500, 400))
+    draw_boxes(Image.new("RGB", (999, 1998), (255, 255, 255)), inverted)
 
 
 def test_ocr_command_without_a_checkpoint_says_so(tmp_path):
@@ -185,3 +220,37 @@ def test_ocr_command_reads_and_draws(overfit_run, tmp_path):
     assert [p for p, _ in results] == [str(tmp_path / "page")] and failures == 1  # the missing file is reported and skipped
 
 
+
+
+def run_ocr(*args, cwd):
+    env = dict(os.environ, PYTHONPATH=cwd)
+    return subprocess.run([sys.executable, "-m", "scripts.ocr", *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def test_ocr_command_streams_exit_status_directories_and_pdfs(overfit_run, tmp_path):
+    _, summary = overfit_run
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    read = ["--checkpoint", summary["checkpoint"], "--mode", "tiny", "--max_tokens", "6"]
+    pages = tmp_path / "scans"
+    pages.mkdir()
+    for i in range(2):
+        Image.new("RGB", (300, 200), (255, 255, 255 - 40 * i)).save(pages / f"p{i}.png")
+    (pages / "notes.txt").write_text("not a page")
+    Image.new("RGB", (300, 400), (255, 255, 255)).save(tmp_path / "doc.pdf", save_all=True,
+                                                       append_images=[Image.new("RGB", (300, 400), (200, 200, 200))])
+    ok = run_ocr(str(pages), str(tmp_path / "doc.pdf"), *read, "--out", str(tmp_path / "md"), cwd=root)
+    assert ok.returncode == 0, ok.stderr
+    assert sorted(os.listdir(tmp_path / "md")) == ["doc_page001.md", "doc_page002.md", "p0.md", "p1.md"]
+    assert ok.stdout.count("===== ") == 4 and "reading 4 page(s)" in ok.stderr  # a directory and a PDF, page by page
+    # one bad input: the others are read, the problem goes to stderr (stdout stays the text), the status says so
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    partial = run_ocr(str(pages / "p0.png"), str(tmp_path / "bad.png"), *read, cwd=root)
+    assert partial.returncode == 1 and "skipping" in partial.stderr and "skipping" not in partial.stdout
+    assert partial.stdout.strip()  # p0 was read
+    missing = run_ocr(str(tmp_path / "nothing.png"), *read, cwd=root)
+    assert missing.returncode == 1 and "no such file" in missing.stderr and "Traceback" not in missing.stderr
+    bad_tokens = run_ocr(str(pages / "p0.png"), "--max_tokens", "-5", cwd=root)
+    assert bad_tokens.returncode == 2 and "must be a positive integer" in bad_tokens.stderr
+    if not torch.cuda.is_available():
+        no_cuda = run_ocr(str(pages / "p0.png"), *read, "--device", "cuda", cwd=root)
+        assert no_cuda.returncode == 1 and "has no CUDA device" in no_cuda.stderr and "Traceback" not in no_cuda.stderr
