@@ -1,7 +1,7 @@
 """
 Muon: SGD-momentum whose 2-D update is orthogonalised by a Newton-Schulz iteration
 (Keller Jordan, https://kellerjordan.github.io/posts/muon/; nanochat / modded-nanogpt).
-For matrices (and, as matrices, conv filters); embeddings, lm_head, norms and biases go to AdamW.
+Only for 2-D matrices; embeddings, lm_head, convs, norms and biases go to AdamW.
 Matrices of one shape are updated together: their gradients are stacked and orthogonalised in one batched
 iteration (a d20 GPT has 120 matrices in 3 shapes: a few large matmuls instead of hundreds of small ones).
 """
@@ -32,22 +32,21 @@ def zeropower_via_newtonschulz5(G, steps):
 
 
 def muon_update(grads, state, group):
-    """(n, m, ...) stacked gradients -> their updates: momentum, Nesterov look-ahead, orthogonalise, scale for the
-    matrices' aspect ratio. Conv filters (m, c, k, k) count as (m, c*k*k) matrices. The momentum buffer is the
-    stack's, kept in `state`."""
+    """(n, m, k) stacked gradients -> their updates: momentum, Nesterov look-ahead, orthogonalise, scale for the
+    matrices' aspect ratio. The momentum buffer is the stack's, kept in `state`."""
     if "momentum_buffer" not in state:
         state["momentum_buffer"] = torch.zeros_like(grads)
     buf = state["momentum_buffer"]
     buf.lerp_(grads, 1 - group["momentum"])
-    g = (grads.lerp_(buf, group["momentum"]) if group["nesterov"] else buf).flatten(2)
+    g = grads.lerp_(buf, group["momentum"]) if group["nesterov"] else buf
     update = zeropower_via_newtonschulz5(g, steps=group["ns_steps"]).to(grads.dtype)
-    return update.mul_(-group["lr"] * max(1, g.size(-2) / g.size(-1)) ** 0.5).view_as(grads)
+    return update.mul_(-group["lr"] * max(1, g.size(-2) / g.size(-1)) ** 0.5)
 
 
 def shape_groups(params):
     """One parameter group per matrix shape, in the same order on every rank."""
     params = list(params)
-    assert all(p.ndim >= 2 for p in params), "Muon takes matrices (and conv filters) only"
+    assert all(p.ndim == 2 for p in params), "Muon takes 2-D parameters only"
     return [dict(params=[p for p in params if p.shape == shape]) for shape in sorted({p.shape for p in params})]
 
 
@@ -57,9 +56,8 @@ def stacked_grads(params):
 
 
 class Muon(torch.optim.Optimizer):
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, **group_keys):
-        super().__init__(shape_groups(params), dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                                                    **group_keys))
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
+        super().__init__(shape_groups(params), dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
 
     @torch.no_grad()
     def step(self):
@@ -75,9 +73,8 @@ class DistMuon(torch.optim.Optimizer):
     averaged gradients of its slice (reduce-scatter), updates those matrices in one batched iteration, and the
     slices are all-gathered back to every rank. Momentum lives only with a slice's owner: state is saved per rank.
     """
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, **group_keys):
-        super().__init__(shape_groups(params), dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                                                    **group_keys))
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
+        super().__init__(shape_groups(params), dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
 
     @torch.no_grad()
     def step(self):

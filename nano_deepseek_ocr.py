@@ -14,10 +14,8 @@ import torch.nn as nn
 from deepencoder.clip_sdpa import CLIPConfig
 from deepencoder.encoder import DeepEncoder
 from deepencoder.sam_vary_sdpa import SAMConfig
-from common import get_dist_info
 from gpt import GPT, GPTConfig, document_mask
 from image_process import normalize
-from muon import Muon, DistMuon
 
 
 @dataclass
@@ -114,29 +112,13 @@ class NanoDeepseekOCR(nn.Module):
     # ---- optimizers and FLOPs --------------------------------------------------------------------
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, vision_lr=1e-4,
-                         weight_decay=0.0, adamw_lr=None, vision_muon_lr=None, vision_fan_in=False):
+                         weight_decay=0.0, adamw_lr=None):
         """GPT as nanochat (Muon on block matrices); the whole vision side, newline/separator included, on AdamW.
-        vision_fan_in: each vision weight's lr is vision_lr / its fan-in, so every layer's output moves at the same
-        rate (muP's rule for Adam); a flat vision_lr moves a 768-input patch embedding 768x faster than a bias.
-        vision_muon_lr: the encoder's linear and conv weights on Muon at that lr instead.
         adamw_lr: AdamW for everything at that lr instead."""
-        vision = {name: p for name, p in self.named_parameters() if not name.startswith("gpt.")}
-        matrices = [m.weight for m in self.encoder.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        muon = [p for p in matrices if p.requires_grad] if vision_muon_lr and adamw_lr is None else []
-        adamw = [p for p in vision.values() if all(p is not m for m in muon)]
-        fan_in = {id(p): p[0].numel() if any(p is m for m in matrices) else 1 for p in adamw}
-        groups = [dict(params=adamw, lr=vision_lr, kind="vision")]
-        if vision_fan_in:
-            groups = [dict(params=[p for p in adamw if fan_in[id(p)] == n], lr=vision_lr / n, kind="vision")
-                      for n in sorted(set(fan_in.values()))]
-        optimizers = self.gpt.setup_optimizers(unembedding_lr, embedding_lr, matrix_lr, weight_decay,
-                                               extra_adamw_groups=groups, adamw_lr=adamw_lr)
-        if muon:
-            muon = (DistMuon if get_dist_info()[0] else Muon)(muon, lr=vision_muon_lr, momentum=0.95, kind="vision")
-            for group in muon.param_groups:
-                group["initial_lr"] = group["lr"]
-            optimizers.append(muon)
-        return optimizers
+        vision = [p for name, p in self.named_parameters() if not name.startswith("gpt.")]
+        return self.gpt.setup_optimizers(unembedding_lr, embedding_lr, matrix_lr, weight_decay,
+                                         extra_adamw_groups=[dict(params=vision, lr=vision_lr)],
+                                         adamw_lr=adamw_lr)
 
     def train_flops(self, doc_lengths, images):
         """

@@ -67,12 +67,8 @@ class TrainConfig:
     embedding_lr: float = 0.2
     unembedding_lr: float = 0.004
     vision_lr: float = 5e-5
-    vision_muon_lr: float = 0.0            # > 0: Muon at this lr for the encoder's linear and conv weights
-    vision_fan_in: bool = False            # each vision weight's lr = vision_lr / its fan-in (random-init encoders)
     adamw_lr: float = 5e-5
     weight_decay: float = 0.0
-    gpt_hold_steps: int = 0                # the GPT holds still this many steps while the vision side learns
-    vision_hold_steps: int = 0             # the vision side holds still this many steps while the GPT learns
     schedule: str = "cosine"               # cosine: warmup then cosine | step: x step_gamma at each milestone
     warmup_steps: int = 100
     final_lr_frac: float = 0.0
@@ -265,8 +261,7 @@ def train(cfg):
 
     # ---- optimizers and data ----
     optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.vision_lr,
-                                        cfg.weight_decay, adamw_lr=cfg.adamw_lr if cfg.optimizer == "adamw" else None,
-                                        vision_muon_lr=cfg.vision_muon_lr or None, vision_fan_in=cfg.vision_fan_in)
+                                        cfg.weight_decay, adamw_lr=cfg.adamw_lr if cfg.optimizer == "adamw" else None)
     if cfg.compile and device.type == "cuda":  # in place: parameter names stay as they are in checkpoints
         model.encoder.compile()
         model.gpt.compile()
@@ -300,7 +295,7 @@ def train(cfg):
 
     # ---- the loop ----
     train_iter = iter(loader)
-    summary = dict(losses=[], steps=[], val_loss=None, collapse=None, samples=[], cer=[], start_step=start_step,
+    summary = dict(losses=[], steps=[], val_loss=None, similarity=[], samples=[], cer=[], start_step=start_step,
                    n_params=n_params, n_train=n_train, origin=origin, skipped_samples=[])
     t_start, dt_ema, step = time.time(), None, start_step
     while True:
@@ -308,14 +303,15 @@ def train(cfg):
         last = step >= cfg.num_iterations
         if cfg.eval_every > 0 and (last or step % cfg.eval_every == 0):
             summary.update(evaluate(model, cfg, val_task, tokenizer, rank, world_size, autocast))
-            summary["collapse"] = encoder_collapse(model, collapse_views, autocast)
-            warn = "  WARNING: encoder outputs are collapsing" if summary["collapse"] > cfg.collapse_warn else ""
+            similarity = encoder_collapse(model, collapse_views, autocast)
+            summary["similarity"].append((step, similarity))
+            warn = "  WARNING: encoder outputs are collapsing" if similarity > cfg.collapse_warn else ""
             if step > start_step and summary["gap_blank"] < cfg.gap_warn:
                 warn += "  WARNING: the model barely looks at the image (a blank page costs it almost nothing)"
             print0(f"step {step:05d} | val loss {summary['val_loss']:.4f} | image gap blank {summary['gap_blank']:+.3f}"
-                   f" other {summary['gap_other']:+.3f} | encoder similarity {summary['collapse']:.4f}{warn}")
+                   f" other {summary['gap_other']:+.3f} | encoder similarity {similarity:.4f}{warn}")
             wandb_run.log(dict(step=step, val_loss=summary["val_loss"], gap_blank=summary["gap_blank"],
-                               gap_other=summary["gap_other"], encoder_similarity=summary["collapse"]))
+                               gap_other=summary["gap_other"], encoder_similarity=similarity))
             if master and cfg.cer_pages > 0:
                 heldout = read_pages(model, tokenizer, val_task, cfg.cer_pages, modes[0], cfg.sample_tokens)
                 training = read_pages(model, tokenizer, train_task, cfg.cer_pages, modes[0], cfg.sample_tokens)
@@ -377,11 +373,9 @@ def train(cfg):
             torch.cuda.synchronize()
         t_opt = time.time()
         lrm = lr_multiplier(cfg, step)
-        held = {"gpt"} if step < cfg.gpt_hold_steps else set()
-        held |= {"vision"} if step < cfg.vision_hold_steps else set()
         for opt in optimizers:
             for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm * (0.0 if group.get("kind", "gpt") in held else 1.0)
+                group["lr"] = group["initial_lr"] * lrm
                 if "momentum" in group:
                     group["momentum"] = muon_momentum(step)
             opt.step()
@@ -447,7 +441,8 @@ def write_report(cfg, summary):
         f"- throughput over the run's {len(steps)} steps: {sum(s['tokens'] for s in steps) / seconds:,.0f} tok/s, "
         f"{sum(s['images'] for s in steps) / seconds:.1f} img/s, "
         f"MFU {f'{100 * sum(mfus) / len(mfus):.1f}%' if mfus else '-'}",
-        f"- encoder similarity (collapse watch): {summary['collapse']}",
+        "- encoder similarity (collapse watch) at each eval: " +
+        ", ".join(f"{step}: {sim:.4f}" for step, sim in summary["similarity"]),
     ]
     skipped = summary["skipped_samples"]
     if skipped:
