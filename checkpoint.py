@@ -147,11 +147,13 @@ def resolve_checkpoint(path=None, step=None):
         return path
     found = list_checkpoints(path)
     if not found:
-        raise FileNotFoundError(f"{path}: not a checkpoint (no model.safetensors) and no step_XXXXXX checkpoints inside")
+        raise FileNotFoundError(f"{path}: not a checkpoint (no model.safetensors) and no step_XXXXXX checkpoints "
+                                "inside")
     if step is not None:
         wanted = os.path.join(path, f"step_{step:06d}")
         if wanted not in found:
-            raise FileNotFoundError(f"{path}: no checkpoint for step {step}; have {[os.path.basename(f) for f in found]}")
+            have = [os.path.basename(f) for f in found]
+            raise FileNotFoundError(f"{path}: no checkpoint for step {step}; have {have}")
         verify_checkpoint(wanted)
         return wanted
     for checkpoint in reversed(found):
@@ -208,7 +210,8 @@ def pick_nanochat_files(paths, step=None):
     if step is not None:
         models = {s: ps for s, ps in models.items() if s == step}
     if not models:
-        raise FileNotFoundError("no nanochat checkpoint (model_XXXXXX.pt)" + (f" for step {step}" if step is not None else ""))
+        raise FileNotFoundError("no nanochat checkpoint (model_XXXXXX.pt)" +
+                                (f" for step {step}" if step is not None else ""))
     candidates = [p for ps in models.values() for p in ps]
     base = [p for p in candidates if "base_checkpoints" in p] or candidates
     model = max(base, key=lambda p: int(re.search(r"model_(\d+)\.pt$", p).group(1)))
@@ -227,7 +230,8 @@ def load_nanochat(source, step=None, device="cpu"):
     Only the chosen files are downloaded. Returns (model, meta dict, directory of tokenizer.pkl).
     """
     if os.path.isdir(source):
-        model_path, meta_path, tok_path = pick_nanochat_files(glob.glob(os.path.join(source, "**", "*"), recursive=True), step)
+        files = glob.glob(os.path.join(source, "**", "*"), recursive=True)
+        model_path, meta_path, tok_path = pick_nanochat_files(files, step)
     else:
         hint = "or pass a local nanochat directory as --init_gpt"
         files = pick_nanochat_files(hub_list_files(source, repo_type="model", hint=hint), step)
@@ -243,8 +247,9 @@ def load_nanochat(source, step=None, device="cpu"):
     model.init_weights()  # rotary tables
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"nanochat checkpoint {model_path} does not match this GPT (newer nanochat adds value embeddings "
-                           f"and smearing, which are not supported): missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(f"nanochat checkpoint {model_path} does not match this GPT (newer nanochat adds value "
+                           f"embeddings and smearing, which are not supported): missing {missing}, "
+                           f"unexpected {unexpected}")
     return model, meta, os.path.dirname(tok_path)
 
 
@@ -252,7 +257,8 @@ def load_nanochat(source, step=None, device="cpu"):
 
 def new_model(cfg, device):
     """Tokenizer + model from the init sources of cfg (nanochat GPT, SAM + CLIP or DeepSeek-OCR's encoder)."""
-    nanochat = load_nanochat(cfg.init_gpt, None if cfg.init_gpt_step < 0 else cfg.init_gpt_step) if cfg.init_gpt else None
+    step = None if cfg.init_gpt_step < 0 else cfg.init_gpt_step
+    nanochat = load_nanochat(cfg.init_gpt, step) if cfg.init_gpt else None
     tokenizer = RustBPETokenizer.from_directory(cfg.tokenizer or (nanochat[2] if nanochat else tokenizer_dir()))
     sam, clip = tiny_encoder_configs() if cfg.encoder == "tiny" else (SAMConfig(), CLIPConfig())
     if nanochat:
@@ -264,11 +270,13 @@ def new_model(cfg, device):
     if nanochat:
         model.gpt.load_state_dict(nanochat[0].state_dict())
         model.gpt.resize_vocab(max(tokenizer.get_vocab_size(), cfg.vocab_size))  # append rows for the vision tokens
-        print0(f"GPT from nanochat {cfg.init_gpt} (vocab {nanochat[0].config.vocab_size} -> {tokenizer.get_vocab_size()})")
+        print0(f"GPT from nanochat {cfg.init_gpt} "
+               f"(vocab {nanochat[0].config.vocab_size} -> {tokenizer.get_vocab_size()})")
     if cfg.init_encoder == "sam+clip":
         for name, report in (("SAM", load_sam(model.encoder.sam_model, cfg.sam_source)),
                              ("CLIP", load_clip(model.encoder.vision_model, cfg.clip_source))):
-            print0(f"{name}: {report['loaded']} tensors from {report['source']}; random init: {report['random_init'] or 'none'}")
+            print0(f"{name}: {report['loaded']} tensors from {report['source']}; "
+                   f"random init: {report['random_init'] or 'none'}")
     elif cfg.init_encoder == "deepseek":
         report = load_deepseek_ocr_encoder(model, cfg.deepseek_source)
         print0(f"DeepEncoder: {report['loaded']} tensors from {report['source']}")

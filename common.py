@@ -81,7 +81,8 @@ def compute_init(device_type=None):
     else:
         device = torch.device(device_type)
     if ddp and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", device_id=device if device_type == "cuda" else None)
+        cuda = device_type == "cuda"
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
         dist.barrier()
     return ddp, rank, local_rank, world_size, device
 
@@ -160,8 +161,8 @@ def parse_overrides(cfg, argv=None, description=""):
             else:
                 value = type(current)(value)
         except ValueError:
-            raise SystemExit(f"--{key} takes {'true/false' if isinstance(current, bool) else 'an ' + type(current).__name__}, "
-                             f"got {value!r}") from None
+            kind = "true/false" if isinstance(current, bool) else "an " + type(current).__name__
+            raise SystemExit(f"--{key} takes {kind}, got {value!r}") from None
         setattr(cfg, key, value)
         i += 1
     return cfg
@@ -202,7 +203,8 @@ def line_plot(series, path, x_label, y_label):
     d.line((m, m, m, H - m), fill=(0, 0, 0), width=2)
     for k in range(6):
         d.text((m - 55, xy(0, y1 * k / 5)[1] - 8), f"{y1 * k / 5:.3g}", font=f, fill=(0, 0, 0))
-        d.text((xy(x0 + (x1 - x0) * k / 5, 0)[0] - 10, H - m + 8), f"{x0 + (x1 - x0) * k / 5:.3g}", font=f, fill=(0, 0, 0))
+        x = x0 + (x1 - x0) * k / 5
+        d.text((xy(x, 0)[0] - 10, H - m + 8), f"{x:.3g}", font=f, fill=(0, 0, 0))
     d.text((W // 2 - 100, H - 30), x_label, font=f, fill=(0, 0, 0))
     d.text((10, 20), y_label, font=f, fill=(0, 0, 0))
     for i, (name, pts) in enumerate(series.items()):

@@ -41,7 +41,8 @@ STOP_TOKEN = "<|assistant_end|>"
 
 def base_dir(*parts):
     """Everything downloaded, prepared or trained lives under one directory (like NANOCHAT_BASE_DIR)."""
-    root = os.environ.get("NANO_DEEPSEEK_OCR_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nano_deepseek_ocr")
+    default = os.path.join(os.path.expanduser("~"), ".cache", "nano_deepseek_ocr")
+    root = os.environ.get("NANO_DEEPSEEK_OCR_DIR") or default
     path = os.path.join(root, *parts)
     os.makedirs(path, exist_ok=True)
     return path

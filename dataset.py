@@ -57,11 +57,13 @@ def prepare_samples(name, rows, to_sample, max_samples=None, total=None):
     how many rows were consumed, and a restart skips them. Returns the path of samples.jsonl.
     """
     root = data_dir(name)
-    final, partial, progress_path = (os.path.join(root, f) for f in ("samples.jsonl", "samples.jsonl.partial", "progress.json"))
+    final, partial, progress_path = (os.path.join(root, f)
+                                     for f in ("samples.jsonl", "samples.jsonl.partial", "progress.json"))
     if os.path.exists(final):
         return final
     image_dir = os.path.join(root, "images")
     os.makedirs(image_dir, exist_ok=True)
+    # resume: keep the samples written up to the last saved progress, drop any written after it
     progress = dict(rows=0, samples=0, skipped=0)
     if os.path.exists(progress_path) and os.path.exists(partial):
         with open(progress_path) as f:
@@ -77,6 +79,7 @@ def prepare_samples(name, rows, to_sample, max_samples=None, total=None):
         with atomic_open(progress_path) as f:
             json.dump(progress, f)
 
+    # stream the rows, skip those already consumed, append samples, save progress every 100 rows
     bar = tqdm(total=max_samples or total, initial=progress["samples"], desc=f"preparing {name}", unit="sample")
     with open(partial, "a", encoding="utf-8") as out:
         for index, row in enumerate(rows()):
@@ -97,6 +100,7 @@ def prepare_samples(name, rows, to_sample, max_samples=None, total=None):
                 out.flush()
                 save_progress()
     bar.close()
+    # complete: the partial file becomes samples.jsonl, and the progress record goes
     os.replace(partial, final)
     if os.path.exists(progress_path):
         os.remove(progress_path)

@@ -11,6 +11,7 @@ to hand back finished pages and give their slots to the next ones (continuous ba
 """
 import argparse
 import itertools
+import re
 from collections.abc import Sized
 from contextlib import nullcontext
 
@@ -39,9 +40,9 @@ class Engine:
 
     # ---- reading pages ---------------------------------------------------------------------------
 
-    def read_iter(self, pages, mode="base", max_new_tokens=512, **generate_kwargs):
-        """pages: iterable of (key, PIL image, prompt), consumed only as slots free up. Yields (key, text) as each
-        page finishes, in finishing order."""
+    def read_iter(self, pages, mode="base", max_new_tokens=512, count=None, **generate_kwargs):
+        """pages: iterable of (key, PIL image, prompt), consumed only as slots free up; count: how many there are, when
+        a generator cannot say (no more slots than pages). Yields (key, text) as each page finishes."""
         processor = DeepseekOCRProcessor(mode, uint8=True)  # normalised on the device
 
         def requests():
@@ -50,7 +51,8 @@ class Engine:
                 text = prompt if IMAGE_TOKEN in prompt else f"{IMAGE_TOKEN}\n{prompt}"
                 ids = self.tokenizer.render_vision_pretraining(text, 1 << 30, [item["num_image_tokens"]])[0]
                 yield key, ids, [item]
-        batch = min(self.batch_size, len(pages)) if isinstance(pages, Sized) else self.batch_size
+        count = len(pages) if isinstance(pages, Sized) else count
+        batch = min(self.batch_size, count or self.batch_size)
         for key, tokens in self.generate_iter(requests(), max_new_tokens, batch_size=batch, **generate_kwargs):
             yield key, self.tokenizer.decode(tokens)
 
@@ -229,8 +231,10 @@ def sample(logits, temperature, top_k, rng):
 
 
 def table_whitelist(tokenizer):
-    """DeepSeek-OCR exempts <td> and </td> from the n-gram rule (table cells repeat): their ids where single tokens."""
-    return [ids[0] for ids in (tokenizer.encode("<td>"), tokenizer.encode("</td>")) if len(ids) == 1]
+    """DeepSeek-OCR exempts <td> and </td> from the n-gram rule (table cells repeat). Our split pattern cuts them into
+    pieces whose merges depend on the neighbours ('<', 'td', '></', ...): the exempt tokens are 'td' and every token
+    made only of '<', '/' and '>'."""
+    return [i for i in range(tokenizer.get_vocab_size()) if re.fullmatch(r"td|[</>]+", tokenizer.decode([i]))]
 
 
 # ---- what every reading script shares ------------------------------------------------------------

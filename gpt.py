@@ -48,7 +48,8 @@ def gpt_config_for_depth(depth, vocab_size, sequence_len):
     """nanochat's sizing rule: width 64 per layer, 128-wide heads (d20 -> 1280 wide, 10 heads)."""
     n_embd = depth * 64
     n_head = max(1, (n_embd + 127) // 128)
-    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head,
+                     n_embd=n_embd)
 
 
 class KVCache:
@@ -207,7 +208,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def resize_vocab(self, new_vocab_size):
-        """Append rows for new tokens: wte rows drawn like the init, lm_head rows zero, so old-token logits don't move."""
+        """Append rows for new tokens: wte rows drawn like the init, lm_head rows zero (old-token logits stay)."""
         old = self.config.vocab_size
         assert new_vocab_size >= old, "resize_vocab only grows the vocabulary"
         if new_vocab_size == old:

@@ -23,7 +23,8 @@ def hub_status():
         return "offline"
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=1.0).close()
+        port = url.port or (443 if url.scheme == "https" else 80)
+        socket.create_connection((url.hostname, port), timeout=1.0).close()
         return "online"
     except OSError:
         return "unreachable"
@@ -58,8 +59,8 @@ def hub_call(repo_id, repo_type, call, hint=None):
 
 def hub_snapshot(repo_id, repo_type="model", allow_patterns=None, hint=None):
     from huggingface_hub import snapshot_download
-    return hub_call(repo_id, repo_type, lambda: snapshot_download(repo_id, repo_type=repo_type, allow_patterns=allow_patterns),
-                    hint)
+    return hub_call(repo_id, repo_type,
+                    lambda: snapshot_download(repo_id, repo_type=repo_type, allow_patterns=allow_patterns), hint)
 
 
 def hub_file(repo_id, filename, repo_type="dataset", hint=None):

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from config import MODES, PATCH_SIZE, COMPRESSION, PAD_COLOR, IMAGE_MEAN, IMAGE_STD, MIN_CROPS, MAX_CROPS, MAX_IMAGE_PIXELS
+from config import (MODES, PATCH_SIZE, COMPRESSION, PAD_COLOR, IMAGE_MEAN, IMAGE_STD, MIN_CROPS, MAX_CROPS,
+                    MAX_IMAGE_PIXELS)
 
 
 class ImageError(ValueError):
@@ -63,12 +64,14 @@ def slot_count(global_q, tiles=(1, 1), tile_q=0):
 
 
 def vision_features(mode):
-    """Vision features of a mode's global view, the paper's "vision tokens": q*q (Tiny 64, Small 100, Base 256, Large 400)."""
+    """Vision features of a mode's global view, the paper's "vision tokens": q*q (Tiny 64, Small 100, Base 256,
+    Large 400)."""
     return query_grid(MODES[mode]["base_size"]) ** 2
 
 
 def num_image_slots(width, height, mode="base", min_crops=MIN_CROPS, max_crops=MAX_CROPS):
-    """<image> slots an image of this size takes in `mode`: Tiny 73, Small 111, Base 273, Large 421, Gundam 273 + tiles."""
+    """<image> slots an image of this size takes in `mode`: Tiny 73, Small 111, Base 273, Large 421, Gundam 273 +
+    tiles."""
     spec = MODES[mode]
     tiles = tile_grid(width, height, mode, min_crops, max_crops)
     return slot_count(query_grid(spec["base_size"]), tiles, query_grid(spec["image_size"]))
@@ -176,7 +179,8 @@ class DeepseekOCRProcessor:
         return image.resize((size, size), Image.BICUBIC)
 
     def process_image(self, image):
-        """One RGB image -> dict(pixel_values (3,S,S), images_crop (P,3,s,s) or None, images_spatial_crop (nW,nH), num_image_tokens)."""
+        """One RGB image -> dict(pixel_values (3,S,S), images_crop (P,3,s,s) or None, images_spatial_crop (nW,nH),
+        num_image_tokens)."""
         image = prepare_image(image)
         tiles = tile_grid(image.width, image.height, self.mode, self.min_crops, self.max_crops)
         crops = None
@@ -187,7 +191,8 @@ class DeepseekOCRProcessor:
             crops = torch.stack([self.finish(resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)))
                                  for r in range(n_h) for c in range(n_w)])  # row-major
         return dict(pixel_values=self.finish(self.global_view(image)), images_crop=crops, images_spatial_crop=tiles,
-                    num_image_tokens=num_image_slots(image.width, image.height, self.mode, self.min_crops, self.max_crops))
+                    num_image_tokens=num_image_slots(image.width, image.height, self.mode, self.min_crops,
+                                                     self.max_crops))
 
     def process_images(self, images):
         """A list of PIL images -> batched tensors; images_crop is zero-padded to the most tiles (None if no tiles)."""

@@ -24,7 +24,8 @@ class RustBPETokenizer:
     def __init__(self, enc):
         missing = [t for t in SPECIAL_TOKENS + VISION_TOKENS if t not in enc._special_tokens]
         if missing:
-            raise ValueError(f"tokenizer lacks special tokens {missing}; extend it with RustBPETokenizer.with_vision_tokens")
+            raise ValueError(f"tokenizer lacks special tokens {missing}; extend it with "
+                             "RustBPETokenizer.with_vision_tokens")
         self.enc = enc
         self.bos_token_id = self.encode_special("<|bos|>")
         self.image_token_id = self.encode_special(IMAGE_TOKEN)
@@ -111,7 +112,8 @@ class RustBPETokenizer:
             if i > 0:
                 n = image_token_counts[i - 1]
                 if len(ids) + n > max_tokens:
-                    raise ImageBlockTooLong(f"image {i} needs {n} slots from position {len(ids)}, beyond max_tokens={max_tokens}")
+                    raise ImageBlockTooLong(f"image {i} needs {n} slots from position {len(ids)}, "
+                                            f"beyond max_tokens={max_tokens}")
                 positions.extend(range(len(ids), len(ids) + n))
                 ids.extend([self.image_token_id] * n)
             ids.extend(self.encode(piece))
@@ -125,7 +127,8 @@ class RustBPETokenizer:
         messages = list(conversation["messages"])
         if messages and messages[0]["role"] == "system":  # nanochat folds the system prompt into the first user turn
             assert len(messages) > 1 and messages[1]["role"] == "user", "a system message must precede a user message"
-            messages = [dict(role="user", content=messages[0]["content"] + "\n\n" + messages[1]["content"])] + messages[2:]
+            merged = messages[0]["content"] + "\n\n" + messages[1]["content"]
+            messages = [dict(role="user", content=merged)] + messages[2:]
         ids, mask = [self.bos_token_id], [0]
 
         def add(token_ids, m):
@@ -139,7 +142,8 @@ class RustBPETokenizer:
             if not isinstance(content, str):
                 raise ValueError(f"message {i} content must be a string")
             if expected == "user":
-                add([self.encode_special("<|user_start|>")] + self.encode(content) + [self.encode_special("<|user_end|>")], 0)
+                start, end = self.encode_special("<|user_start|>"), self.encode_special("<|user_end|>")
+                add([start] + self.encode(content) + [end], 0)
             else:
                 add([self.encode_special("<|assistant_start|>")], 0)
                 add(self.encode(content) + [self.stop_token_id], 1)

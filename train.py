@@ -43,12 +43,12 @@ class TrainConfig:
     deepseek_source: str = "deepseek-ai/DeepSeek-OCR"
     init_from: str = ""                    # one of our checkpoints (run or step directory) to start from
     tokenizer: str = ""                    # tokenizer directory; empty = the nanochat checkpoint's, else the base dir's
-    vocab_size: int = 0                    # GPT rows when larger than the tokenizer's (e.g. 65536 to benchmark d20's true cost)
+    vocab_size: int = 0                    # GPT rows when larger than the tokenizer's (65536: d20's true cost)
     freeze_sam: bool = False               # stage 2 freezes SAM + net_2 + net_3
     activation_checkpointing: bool = False # recompute SAM's global blocks in backward
     compile: bool = True                   # torch.compile the encoder and the GPT (CUDA only; the first steps compile)
     # data
-    data: str = "synthetic"                # reading (text lines made on the fly) | synthetic (pages) | real (9 datasets)
+    data: str = "synthetic"                # reading (text lines made on the fly) | synthetic (pages) | real
     text_fraction: float = 0.0             # share of text-only samples (stage 2: 0.1)
     num_synthetic: int = 20000             # synthetic pages (reading: the length of the stream)
     synthetic_kinds: str = "document,table,chart,formula"
@@ -62,7 +62,7 @@ class TrainConfig:
     num_workers: int = 4
     # optimisation
     num_iterations: int = 1000
-    optimizer: str = "muon"                # muon (Muon for GPT matrices + AdamW) | adamw (AdamW everywhere, at adamw_lr)
+    optimizer: str = "muon"                # muon (Muon for GPT matrices + AdamW) | adamw (everywhere, at adamw_lr)
     matrix_lr: float = 0.02
     embedding_lr: float = 0.2
     unembedding_lr: float = 0.004
@@ -124,8 +124,10 @@ def peak_flops(device):
 
 
 def build_tasks(cfg, split, world_size):
-    """The training mixture, or the validation one: enough samples for the eval batches and the read-back."""
-    n_eval = max(cfg.eval_batches * cfg.device_batch_size * world_size, cfg.sample_count, cfg.cer_pages, 1)
+    """The training mixture, or the validation one: enough samples for the eval batches and for cer_pages pages
+    among its text-only samples."""
+    pages = math.ceil(1.5 * max(cfg.cer_pages, cfg.sample_count) / (1 - cfg.text_fraction))
+    n_eval = max(cfg.eval_batches * cfg.device_batch_size * world_size, pages, 1)
     synthetic = dict(num_samples=cfg.num_synthetic, kinds=cfg.synthetic_kinds.split(","),
                      sizes=(cfg.synthetic_min_size, cfg.synthetic_max_size))
     return mixture(cfg.data, split, cfg.seed, None if split == "train" else n_eval, cfg.text_fraction,
@@ -143,7 +145,8 @@ def other_images(images):
     """Each image swapped for another of the batch with the same layout (the next one, round the group)."""
     groups = {}
     for i, im in enumerate(images):
-        groups.setdefault((im["num_image_tokens"], tuple(im["images_spatial_crop"]), im["pixel_values"].shape), []).append(i)
+        layout = (im["num_image_tokens"], tuple(im["images_spatial_crop"]), im["pixel_values"].shape)
+        groups.setdefault(layout, []).append(i)
     swapped = list(images)
     for members in groups.values():
         for a, b in zip(members, members[1:] + members[:1]):
@@ -163,7 +166,8 @@ def evaluate(model, cfg, val_task, tokenizer, rank, world_size, autocast):
                               world_size, seed=0, num_workers=0, shuffle=False)
     total = torch.zeros(4, device=model.image_newline.device)  # summed loss: own, blank, other image; targets
     for _, batch in zip(range(cfg.eval_batches), loader):
-        ids, targets, doc_ids, positions = (batch[k].to(total.device) for k in ("input_ids", "targets", "doc_ids", "positions"))
+        ids, targets, doc_ids, positions = (batch[k].to(total.device)
+                                            for k in ("input_ids", "targets", "doc_ids", "positions"))
         for k, images in enumerate((batch["images"], blank_images(batch["images"]), other_images(batch["images"]))):
             with autocast:
                 total[k] += model(ids, targets, images, "sum", doc_ids, positions).float()
@@ -177,7 +181,7 @@ def evaluate(model, cfg, val_task, tokenizer, rank, world_size, autocast):
 
 @torch.no_grad()
 def encoder_collapse(model, views, autocast):
-    """Mean pairwise cosine similarity of the encoder outputs of distinct images: near 1 means every page looks alike."""
+    """Mean pairwise cosine similarity of the encoder outputs of distinct images: near 1, every page looks alike."""
     model.eval()
     with autocast:
         features = model.encoder(views.to(model.image_newline.device)).flatten(1).float()
@@ -214,7 +218,7 @@ def character_error_rate(pairs):
 
 
 def ranks_in_sync(model):
-    """Whether every rank holds the same parameters (per-tensor float64 sum and sum of squares, compared across ranks)."""
+    """Whether every rank holds the same parameters (per-tensor float64 sum and sum of squares, compared)."""
     if not dist.is_initialized():
         return True
     stats = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
@@ -315,12 +319,14 @@ def train(cfg):
             if master and cfg.cer_pages > 0:
                 heldout = read_pages(model, tokenizer, val_task, cfg.cer_pages, modes[0], cfg.sample_tokens)
                 training = read_pages(model, tokenizer, train_task, cfg.cer_pages, modes[0], cfg.sample_tokens)
-                summary["cer"].append((step, character_error_rate(heldout), character_error_rate(training), len(heldout)))
+                summary["cer"].append((step, character_error_rate(heldout), character_error_rate(training),
+                                       len(heldout)))
                 summary["samples"] = heldout[:cfg.sample_count]
                 print0(f"step {step:05d} | held-out CER {summary['cer'][-1][1]:.3f} ({len(heldout)} pages) | "
                        f"training CER {summary['cer'][-1][2]:.3f} ({len(training)} pages)")
                 for expected, read in summary["samples"]:
-                    print0(f"  {'EXACT' if read == expected else 'differs'} | expected {expected[:60]!r} | read {read[:60]!r}")
+                    verdict = "EXACT" if read == expected else "differs"
+                    print0(f"  {verdict} | expected {expected[:60]!r} | read {read[:60]!r}")
                 wandb_run.log(dict(step=step, heldout_cer=summary["cer"][-1][1], training_cer=summary["cer"][-1][2]))
         if last:
             break
@@ -399,7 +405,8 @@ def train(cfg):
                f"dt {dt * 1000:.0f}ms | eta {eta / 60:.1f}m" + skipped)
         wandb_run.log(dict(step=step, loss=loss_value, lrm=lrm, dt=dt, tokens_per_s=tokens * world_size / dt))
         summary["final_loss"] = loss_value
-        summary["steps"].append(dict(dt=dt, data_s=data_s, opt_s=opt_s, tokens=tokens * world_size, images=images * world_size,
+        summary["steps"].append(dict(dt=dt, data_s=data_s, opt_s=opt_s, tokens=tokens * world_size,
+                                     images=images * world_size,
                                      tokens_per_s=tokens * world_size / dt, images_per_s=images * world_size / dt,
                                      mfu=mfu_value))
 
@@ -427,7 +434,7 @@ def write_report(cfg, summary):
     """This stage's section of report.md, with the CER curve beside it as a PNG."""
     val = "-" if summary["val_loss"] is None else f"{summary['val_loss']:.4f}"
     unused = ("init_gpt", "init_gpt_step", "init_encoder", "sam_source", "clip_source", "deepseek_source", "depth",
-              "encoder", "tokenizer", "vocab_size") if cfg.init_from or cfg.resume else ()  # the checkpoint decided these
+              "encoder", "tokenizer", "vocab_size") if cfg.init_from or cfg.resume else ()  # the checkpoint's
     steps = summary["steps"]
     seconds = sum(s["dt"] for s in steps) or float("nan")
     mfus = [s["mfu"] for s in steps if s["mfu"] is not None]
@@ -446,7 +453,8 @@ def write_report(cfg, summary):
     ]
     skipped = summary["skipped_samples"]
     if skipped:
-        lines.append(f"- skipped samples ({len(skipped)}): " + "; ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""))
+        more = " ..." if len(skipped) > 20 else ""
+        lines.append(f"- skipped samples ({len(skipped)}): " + "; ".join(skipped[:20]) + more)
     if summary["val_loss"] is not None:
         lines.append(f"- image gap (answer loss with a blank page / another page's image, minus with its own): "
                      f"{summary['gap_blank']:+.3f} / {summary['gap_other']:+.3f} nats per token")
@@ -456,7 +464,7 @@ def write_report(cfg, summary):
         line_plot({"held-out CER": [(s, h) for s, h, _, _ in summary["cer"]],
                    "training CER": [(s, t) for s, _, t, _ in summary["cer"]]},
                   os.path.join(base_dir(), curve), "step", "character error rate")
-        lines += [f"held-out CER: {heldout:.3f} ({n} pages)", f"training CER: {training:.3f} ({n} pages)",
+        lines += [f"- held-out CER: {heldout:.3f} ({n} pages)", f"- training CER: {training:.3f} ({n} pages)",
                   "- CER at each eval (step: held-out / training): " +
                   ", ".join(f"{s}: {h:.3f} / {t:.3f}" for s, h, t, _ in summary["cer"]),
                   f"![character error rate]({curve})"]

@@ -26,7 +26,8 @@ class CLIPVisionEmbeddings(nn.Module):
         super().__init__()
         self.class_embedding = nn.Parameter(torch.zeros(config.hidden_size))
         # kept only so CLIP checkpoints load; the SAM grid stands in for patches, so it never trains
-        self.patch_embedding = nn.Conv2d(3, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size, bias=False)
+        self.patch_embedding = nn.Conv2d(3, config.hidden_size, kernel_size=config.patch_size,
+                                         stride=config.patch_size, bias=False)
         self.patch_embedding.requires_grad_(False)
         self.num_positions = (config.image_size // config.patch_size) ** 2 + 1
         self.position_embedding = nn.Embedding(self.num_positions, config.hidden_size)
@@ -72,7 +73,7 @@ class CLIPMLP(nn.Module):
 
     def forward(self, x):
         x = self.fc1(x)
-        return self.fc2(x * torch.sigmoid_(1.702 * x))  # quick_gelu; in-place sigmoid saves one (tokens x 4096) temporary
+        return self.fc2(x * torch.sigmoid_(1.702 * x))  # quick_gelu; in place, one (tokens x 4096) temporary less
 
 
 class CLIPEncoderLayer(nn.Module):

@@ -24,7 +24,8 @@ def weight_files(source):
     if os.path.isfile(source):
         return [source]
     directory = source if os.path.isdir(source) else hub_snapshot(
-        source, repo_type="model", allow_patterns=WEIGHT_PATTERNS, hint="or pass a local directory or file as the source")
+        source, repo_type="model", allow_patterns=WEIGHT_PATTERNS,
+        hint="or pass a local directory or file as the source")
     found = sorted(glob.glob(os.path.join(directory, "**", "*"), recursive=True))
     safetensors = [f for f in found if f.endswith(".safetensors")]
     pickles = [f for f in found if f.endswith((".bin", ".pth", ".pt"))]
@@ -87,7 +88,8 @@ def sam_state_from_transformers(state):
 
 
 def clip_state_from_transformers(state):
-    """openai/clip-vit-large-patch14 -> our CLIP names: q/k/v fused into qkv_proj, post_layernorm and text tower dropped."""
+    """openai/clip-vit-large-patch14 -> our CLIP names: q/k/v fused into qkv_proj, post_layernorm and the text tower
+    dropped."""
     out, qkv = {}, {}
     for key, value in state.items():
         key = key.removeprefix("vision_model.")
@@ -121,7 +123,8 @@ def load_sam(sam, source):
 
 def load_clip(clip, source):
     """CLIP-L/14 vision tower into a VitModel."""
-    state = clip_state_from_transformers(read_tensors(weight_files(source), keep=lambda k: not k.startswith("text_model.")))
+    tensors = read_tensors(weight_files(source), keep=lambda k: not k.startswith("text_model."))
+    state = clip_state_from_transformers(tensors)
     if not state:
         raise ValueError(f"{source}: no CLIP vision keys found")
     return load_checked(clip, state, source)

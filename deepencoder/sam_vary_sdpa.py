@@ -1,7 +1,8 @@
 """
 SAM ViT-B image encoder (Kirillov et al. 2023) with DeepSeek-OCR's 16x conv compressor (net_2, net_3).
 Window attention in most blocks, global attention in a few, decomposed relative positions: on CUDA a fused
-FlexAttention score modification, elsewhere an SDPA mask (the reference it is tested against). Module names follow Meta's SAM so its weights (and DeepSeek-OCR's sam_model) load 1:1.
+FlexAttention score modification, elsewhere an SDPA mask (the reference it is tested against). Module names follow
+Meta's SAM so its weights (and DeepSeek-OCR's sam_model) load 1:1.
 """
 from dataclasses import dataclass
 
@@ -58,7 +59,7 @@ def resize_pos_embed(pos_embed, size):
 
 def linear_resize_matrix(n_in, n_out, device):
     """(n_out, n_in) matrix doing F.interpolate(mode="linear", align_corners=False) along one axis."""
-    scale = torch.tensor(n_in / n_out, dtype=torch.float32, device=device)  # fp32 source indices, as PyTorch computes them
+    scale = torch.tensor(n_in / n_out, dtype=torch.float32, device=device)  # fp32 indices, as PyTorch computes them
     src = ((torch.arange(n_out, device=device, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
     i0 = src.floor().long().clamp(max=n_in - 1)
     i1 = (i0 + 1).clamp(max=n_in - 1)
@@ -226,7 +227,8 @@ class ImageEncoderViT(nn.Module):
         x = self.patch_embed(x)
         x = x + resize_pos_embed(self.pos_embed, x.size(1))
         for i, blk in enumerate(self.blocks):
-            if self.grad_checkpointing and self.training and i in self.config.global_attn_indexes and torch.is_grad_enabled():
+            recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+            if recompute and i in self.config.global_attn_indexes:
                 x = checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)

@@ -38,7 +38,8 @@ def main():
         pack(samples, len(samples), args.seq_len, tokenizer.get_bos_token_id())
         print(f"{mode:>7}: {len(samples) / (time.perf_counter() - t0):6.1f} samples/s per core")
         for uint8 in (True, False):
-            loader = VisionDataLoader(pages, tokenizer, mode, batch_size=4, seq_len=args.seq_len, num_workers=args.workers)
+            loader = VisionDataLoader(pages, tokenizer, mode, batch_size=4, seq_len=args.seq_len,
+                                      num_workers=args.workers)
             loader.dataset.processors = [DeepseekOCRProcessor(mode, uint8=uint8)]
             it = iter(loader)
             next(it)  # start the workers

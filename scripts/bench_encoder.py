@@ -96,14 +96,17 @@ def main():
     args = parser.parse_args()
     if args.worker:
         return worker(*args.worker, args.size, args.device, args.repeats)
-    print(f"{args.device}, {args.size} px, {'bf16' if args.device == 'cuda' else 'fp32'}, {torch.get_num_threads()} threads")
-    print(f"{'model':<6} {'ours s':>9} {'theirs s':>9} {'time ratio':>11} {'ours MiB':>9} {'theirs MiB':>11} {'mem ratio':>10}")
+    precision = "bf16" if args.device == "cuda" else "fp32"
+    print(f"{args.device}, {args.size} px, {precision}, {torch.get_num_threads()} threads")
+    print(f"{'model':<6} {'ours s':>9} {'theirs s':>9} {'time ratio':>11} {'ours MiB':>9} {'theirs MiB':>11} "
+          f"{'mem ratio':>10}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for which in ("sam", "clip"):
         r = {}
         for impl in ("ours", "transformers"):
-            out = subprocess.run([sys.executable, "-m", "scripts.bench_encoder", "--worker", which, impl, f"--size={args.size}",
-                                  f"--repeats={args.repeats}", f"--device={args.device}"], cwd=root, capture_output=True, text=True,
+            out = subprocess.run([sys.executable, "-m", "scripts.bench_encoder", "--worker", which, impl,
+                                  f"--size={args.size}", f"--repeats={args.repeats}", f"--device={args.device}"],
+                                 cwd=root, capture_output=True, text=True,
                                  env=dict(os.environ, **MALLOC_ENV))
             if out.returncode:
                 raise SystemExit(out.stderr)

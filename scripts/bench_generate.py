@@ -28,7 +28,7 @@ def main():
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--encoder", default="tiny", choices=["tiny", "full"])
     parser.add_argument("--device", default=None)
-    parser.add_argument("--vocab_size", type=int, default=0, help="GPT rows (65536 for d20's true cost); 0 = tokenizer's")
+    parser.add_argument("--vocab_size", type=int, default=0, help="GPT rows (65536: d20's true cost); 0: tokenizer's")
     parser.add_argument("--modes", default="base,gundam")
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--batch_sizes", default="8", help="continuous-batching slot counts to measure")

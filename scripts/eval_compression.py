@@ -25,7 +25,8 @@ def run(engine, pages, modes, max_tokens):
     rows = []
     for mode in modes:
         stream = ((i, load_image(s["image_path"]), s["text"]) for i, s in enumerate(samples))
-        for i, answer in tqdm(engine.read_iter(stream, mode, max_tokens), total=len(samples), desc=mode, unit="page",
+        for i, answer in tqdm(engine.read_iter(stream, mode, max_tokens, count=len(samples)), total=len(samples),
+                              desc=mode, unit="page",
                               file=sys.stderr):
             truth = samples[i]["response"]
             rows.append(dict(mode=mode, text_tokens=len(engine.tokenizer.encode(truth)),
@@ -40,8 +41,8 @@ def binned(rows, modes, width):
         bins = {}
         for r in (r for r in rows if r["mode"] == mode):
             bins.setdefault(r["text_tokens"] // width * width, []).append(r)
-        out[mode] = [(lo, sum(r["text_tokens"] / r["vision_features"] for r in b) / len(b), sum(r["precision"] for r in b) / len(b), len(b))
-                     for lo, b in sorted(bins.items())]
+        out[mode] = [(lo, sum(r["text_tokens"] / r["vision_features"] for r in b) / len(b),
+                      sum(r["precision"] for r in b) / len(b), len(b)) for lo, b in sorted(bins.items())]
     return out
 
 

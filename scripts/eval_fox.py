@@ -33,7 +33,8 @@ def load_pages(source=None):
     source = source or hub_file("ucaslcl/Fox_benchmark_data", "focus_benchmark_test.zip", repo_type="dataset",
                                 hint="or pass --data with the zip or its extracted folder")
     if os.path.isdir(source):
-        root = source if os.path.exists(os.path.join(source, "en_page_ocr.json")) else os.path.join(source, "focus_benchmark_test")
+        extracted = os.path.exists(os.path.join(source, "en_page_ocr.json"))
+        root = source if extracted else os.path.join(source, "focus_benchmark_test")
         with open(os.path.join(root, "en_page_ocr.json"), encoding="utf-8") as f:
             entries = json.load(f)
         return [(e["image"], lambda p=os.path.join(root, "en_pdf_png", e["image"]): load_image(p),
@@ -64,11 +65,14 @@ def evaluate(engine, pages, modes, max_tokens, out_dir):
                     continue
                 yield name, images[name], FREE_OCR
         truths = {name: truth for name, _, truth in pages}
-        for name, answer in tqdm(engine.read_iter(stream(), mode, max_tokens), total=len(pages), desc=f"Fox {mode}",
+        for name, answer in tqdm(engine.read_iter(stream(), mode, max_tokens, count=len(pages)), total=len(pages),
+                                 desc=f"Fox {mode}",
                                  unit="page", file=sys.stderr):
             image, truth = images.pop(name), truths[name]
-            rows.append(dict(image=name, label=truth, answer=answer, mode=mode, text_tokens=len(engine.tokenizer.encode(truth)),
-                             vision_tokens=num_image_slots(image.width, image.height, mode), **fox_scores(answer, truth)))
+            rows.append(dict(image=name, label=truth, answer=answer, mode=mode,
+                             text_tokens=len(engine.tokenizer.encode(truth)),
+                             vision_tokens=num_image_slots(image.width, image.height, mode),
+                             **fox_scores(answer, truth)))
             with atomic_open(os.path.join(out_dir, f"fox_en_page_{mode}.json"), encoding="utf-8") as f:
                 json.dump(sorted(rows, key=lambda r: r["image"]), f, indent=1, ensure_ascii=False)
         if failed:
@@ -105,7 +109,8 @@ def table(results):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Fox English page OCR")
     parser.add_argument("--modes", default="tiny,small")
-    parser.add_argument("--data", default=None, help="focus_benchmark_test.zip or its extracted folder (default: download)")
+    parser.add_argument("--data", default=None,
+                        help="focus_benchmark_test.zip or its extracted folder (default: download)")
     parser.add_argument("--max_pages", type=int, default=0)
     parser.add_argument("--out", default=None)
     add_reader_args(parser, max_tokens=2048)

@@ -51,9 +51,12 @@ def plain(text):
 
 
 def page_text(page):
-    """The page's ground-truth text: its layout blocks in reading order ('abandon' blocks such as page numbers skipped)."""
-    blocks = [b for b in page.get("layout_dets", []) if b.get("category_type") != "abandon" and b.get("order") is not None]
-    return plain(" ".join(next((b[k] for k in TEXT_FIELDS if b.get(k)), "") for b in sorted(blocks, key=lambda b: b["order"])))
+    """The page's ground-truth text: its layout blocks in reading order ('abandon' blocks such as page numbers
+    skipped)."""
+    blocks = [b for b in page.get("layout_dets", [])
+              if b.get("category_type") != "abandon" and b.get("order") is not None]
+    texts = (next((b[k] for k in TEXT_FIELDS if b.get(k)), "") for b in sorted(blocks, key=lambda b: b["order"]))
+    return plain(" ".join(texts))
 
 
 def predict(engine, pages, mode, max_tokens, out_dir):
@@ -69,7 +72,8 @@ def predict(engine, pages, mode, max_tokens, out_dir):
             except ImageError as e:
                 print(f"skipping {e}", file=sys.stderr)
     outputs = {}
-    for name, text in tqdm(engine.read_iter(stream(), mode, max_tokens, no_repeat_ngram_size=20, ngram_window=90,
+    for name, text in tqdm(engine.read_iter(stream(), mode, max_tokens, count=len(pages), no_repeat_ngram_size=20,
+                                            ngram_window=90,
                                             ngram_whitelist=table_whitelist(engine.tokenizer)),
                            total=len(pages), desc="OmniDocBench", unit="page", file=sys.stderr):
         outputs[name] = strip_grounding(text)
@@ -90,7 +94,7 @@ def quick_scores(outputs):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="OmniDocBench predictions for the official scorer, plus a quick text score")
+    parser = argparse.ArgumentParser(description="OmniDocBench predictions for the official scorer, and a quick score")
     parser.add_argument("--mode", default="base", choices=list(MODES))
     parser.add_argument("--data", default=None, help="a local copy of the dataset repository (default: download)")
     parser.add_argument("--max_pages", type=int, default=0)
@@ -102,8 +106,10 @@ def main(argv=None):
     out_dir = args.out or base_dir("eval", "omnidocbench", args.mode)
     outputs = predict(engine, pages, args.mode, args.max_tokens, out_dir)
     scores = quick_scores(outputs)
-    lines = [f"- {len(outputs)} of {len(pages)} pages, {args.mode} mode, checkpoint {checkpoint}; markdown in {out_dir}",
-             "- quick text edit distance (not the official metric): " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()),
+    lines = [f"- {len(outputs)} of {len(pages)} pages, {args.mode} mode, checkpoint {checkpoint}; "
+             f"markdown in {out_dir}",
+             "- quick text edit distance (not the official metric): " +
+             ", ".join(f"{k} {v:.3f}" for k, v in scores.items()),
              "- paper (official end2end, EN overall edit distance): Tiny 0.386, Small 0.221, Base 0.137, Large 0.138, "
              "Gundam 0.127",
              f"- official score: in OmniDocBench/, set configs/end2end.yaml ground_truth.data_path={gt_path} and "

@@ -73,7 +73,8 @@ def encoder_and_gpt_seconds(cfg, checkpoint, device):
     def gpt():
         from gpt import document_mask
         with autocast:
-            loss = model.gpt(inputs_embeds=embeds, targets=targets, positions=positions, attn_mask=document_mask(doc_ids))
+            loss = model.gpt(inputs_embeds=embeds, targets=targets, positions=positions,
+                             attn_mask=document_mask(doc_ids))
         loss.backward()
     return timed(encoder, device), timed(gpt, device)
 
@@ -87,34 +88,38 @@ def main():
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
     load_or_train_tokenizer()
-    common = dict(model_tag="gpu-check", init_encoder="random", modes="base", num_synthetic=512, synthetic_min_size=1000,
-                  synthetic_max_size=1600, device_batch_size=args.device_batch_size, num_iterations=args.steps,
+    common = dict(model_tag="gpu-check", init_encoder="random", modes="base", num_synthetic=512,
+                  synthetic_min_size=1000, synthetic_max_size=1600, device_batch_size=args.device_batch_size,
+                  num_iterations=args.steps,
                   warmup_steps=2, eval_every=0, cer_pages=0, sample_count=0, save_every=0, num_workers=args.num_workers,
                   vocab_size=65536, activation_checkpointing=True, compile=bool(args.compile))
     if args.tiny:
         common.update(encoder="tiny", depth=2, modes="tiny", vocab_size=0, num_workers=0, device_batch_size=2,
                       synthetic_min_size=512, synthetic_max_size=700, num_synthetic=16)
     rows = []
-    for stage, extra in (("stage1", dict(seq_len=4096)), ("stage2", dict(seq_len=8192, freeze_sam=True, text_fraction=0.1))):
+    stages = (("stage1", dict(seq_len=4096)), ("stage2", dict(seq_len=8192, freeze_sam=True, text_fraction=0.1)))
+    for stage, extra in stages:
         cfg = TrainConfig(stage=f"{stage}-gpu-check", **common, **extra)
         prerender(cfg, args.num_workers)
         summary = train(cfg)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         steady = summary["steps"][2:] or summary["steps"]  # the first steps compile and fill the loader's queue
-        median = {key: statistics.median(s[key] for s in steady) for key in ("dt", "tokens_per_s", "images_per_s", "data_s",
-                                                                            "opt_s")}
+        median = {key: statistics.median(s[key] for s in steady)
+                  for key in ("dt", "tokens_per_s", "images_per_s", "data_s", "opt_s")}
         mfu = statistics.median(s["mfu"] for s in steady) if steady[0]["mfu"] is not None else None
         encoder_s, gpt_s = encoder_and_gpt_seconds(cfg, summary["checkpoint"], device)
         compute = max(median["dt"] - median["data_s"] - median["opt_s"], 0.0)
         shares = [median["data_s"], compute * encoder_s / (encoder_s + gpt_s), compute * gpt_s / (encoder_s + gpt_s),
                   median["opt_s"]]
-        rows.append((stage, summary["steps"][0]["dt"], median["dt"], median["tokens_per_s"], median["images_per_s"], mfu,
-                     summary["peak_memory_gib"], [100 * x / median["dt"] for x in shares]))
+        rows.append((stage, summary["steps"][0]["dt"], median["dt"], median["tokens_per_s"], median["images_per_s"],
+                     mfu, summary["peak_memory_gib"], [100 * x / median["dt"] for x in shares]))
     print(f"\n{'stage':<8} {'first s':>8} {'step s':>7} {'real tok/s':>11} {'img/s':>7} {'MFU':>6} {'peak GiB':>9} "
           f"{'data':>6} {'encoder':>8} {'GPT':>6} {'optim':>6}")
     for stage, first, dt, tok, img, mfu, mem, (data, enc, gpt_share, opt) in rows:
-        print(f"{stage:<8} {first:>8.1f} {dt:>7.3f} {tok:>11,.0f} {img:>7.1f} {'-' if mfu is None else f'{100 * mfu:.1f}%':>6} "
-              f"{'-' if mem is None else f'{mem:.1f}':>9} {data:>5.0f}% {enc:>7.0f}% {gpt_share:>5.0f}% {opt:>5.0f}%")
+        mfu = "-" if mfu is None else f"{100 * mfu:.1f}%"
+        mem = "-" if mem is None else f"{mem:.1f}"
+        print(f"{stage:<8} {first:>8.1f} {dt:>7.3f} {tok:>11,.0f} {img:>7.1f} {mfu:>6} {mem:>9} {data:>5.0f}% "
+              f"{enc:>7.0f}% {gpt_share:>5.0f}% {opt:>5.0f}%")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from config import DOC_TO_MARKDOWN, MARKDOWN_NO_GROUNDING, PARSE_FIGURE, FORMULA
 from grounding import grounded_block
 from tasks.synthetic import Page, font, draw_chart
 
-SYMBOLS = {"alpha": "\u03b1", "beta": "\u03b2", "pi": "\u03c0", "theta": "\u03b8", "sigma": "\u03c3", "cdot": "\u00b7", "pm": "\u00b1"}
+SYMBOLS = {"alpha": "\u03b1", "beta": "\u03b2", "pi": "\u03c0", "theta": "\u03b8", "sigma": "\u03c3", "cdot": "\u00b7",
+           "pm": "\u00b1"}
 
 
 class Box:
@@ -204,7 +205,8 @@ def test_images():
     colours = ((200, 40, 40), (40, 70, 200), (40, 160, 60))
     bars = chart("Bars", *BARS, "bar", colours, False)[0]
     tallest = BARS[0][BARS[1].index(max(BARS[1]))]
-    rain, rain_text = chart("Rainfall (mm)", ["2019", "2020", "2021", "2022", "2023"], [81, 64, 97, 72, 88], "line", ((30, 90, 170),), True)
+    rain, rain_text = chart("Rainfall (mm)", ["2019", "2020", "2021", "2022", "2023"], [81, 64, 97, 72, 88], "line",
+                            ((30, 90, 170),), True)
     printed = r"\frac{a+b}{2} = \sqrt{x^{2}+1}"
     handwritten = r"y = \alpha x^{2} - 3"
     return [
@@ -212,7 +214,8 @@ def test_images():
         ("olmocr.png", "olmocr", MARKDOWN_NO_GROUNDING, md_text, md),
         ("llava_cc3m.png", "llava_cc3m", "Provide a brief description of the given image.", *reversed(photo())),
         ("plotqa.png", "plotqa", PARSE_FIGURE, rain_text, rain),
-        ("chartqa.png", "chartqa", "Question: Which fruit has the highest sales?", FRUIT[0][FRUIT[1].index(max(FRUIT[1]))], fruit),
+        ("chartqa.png", "chartqa", "Question: Which fruit has the highest sales?",
+         FRUIT[0][FRUIT[1].index(max(FRUIT[1]))], fruit),
         ("figureqa.png", "figureqa", "Is Blue the maximum?", "Yes" if tallest == "Blue" else "No", bars),
         ("pubtables.png", "pubtables", MARKDOWN_NO_GROUNDING, *reversed(table())),
         ("latex_formulas.png", "latex_formulas", FORMULA_TO_LATEX, printed, formula_image(printed, 44)),
@@ -223,13 +226,15 @@ def test_images():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "test_images"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parser.add_argument("--out", default=os.path.join(root, "data", "test_images"))
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     expected = {}
     for file, dataset, prompt, text, image in test_images():
         image.save(os.path.join(args.out, file))
-        expected[file] = dict(dataset=dataset, prompt=prompt, expected=text, source="rendered by scripts/make_test_images.py")
+        expected[file] = dict(dataset=dataset, prompt=prompt, expected=text,
+                              source="rendered by scripts/make_test_images.py")
     with open(os.path.join(args.out, "expected.json"), "w") as f:
         json.dump(expected, f, indent=2, ensure_ascii=False)
     print(f"wrote {len(expected)} images and expected.json to {args.out}")

@@ -104,8 +104,8 @@ def main(argv=None):
             yield name, images[name], args.prompt
 
     results = []
-    for name, text in tqdm(engine.read_iter(stream(), args.mode, args.max_tokens, no_repeat_ngram_size=20,
-                                            ngram_window=90, ngram_whitelist=table_whitelist(engine.tokenizer)),
+    ngram = dict(no_repeat_ngram_size=20, ngram_window=90, ngram_whitelist=table_whitelist(engine.tokenizer))
+    for name, text in tqdm(engine.read_iter(stream(), args.mode, args.max_tokens, count=len(pages), **ngram),
                            total=len(pages), desc="pages", unit="page", file=sys.stderr, disable=len(pages) == 1):
         image = images.pop(name)
         print((f"===== {name}\n" if len(pages) > 1 else "") + strip_grounding(text), flush=True)

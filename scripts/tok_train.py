@@ -58,7 +58,8 @@ def load_or_train_tokenizer(vocab_size=4096):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="train a BPE tokenizer on local text")
     parser.add_argument("--vocab_size", type=int, default=4096)
-    parser.add_argument("--input", action="append", default=[], help="text file or directory of .txt/.md files (repeatable)")
+    parser.add_argument("--input", action="append", default=[],
+                        help="text file or directory of .txt/.md files (repeatable)")
     parser.add_argument("--num_docs", type=int, default=20000, help="synthetic documents to include")
     parser.add_argument("--max_chars", type=int, default=200_000_000)
     parser.add_argument("--out", default=None)

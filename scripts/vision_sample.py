@@ -84,7 +84,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="read the test images with a trained model")
     parser.add_argument("--mode", default="base", choices=list(MODES))
     parser.add_argument("--images", default=DEFAULT_IMAGES)
-    parser.add_argument("--html", default=None, help="where to write the HTML page (default: <base dir>/vision_sample.html)")
+    parser.add_argument("--html", default=None,
+                        help="where to write the HTML page (default: <base dir>/vision_sample.html)")
     add_reader_args(parser, max_tokens=512)
     args = parser.parse_args(argv)
 

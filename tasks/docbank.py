@@ -16,7 +16,8 @@ from grounding import grounded_block
 from tasks.common import PreparedTask
 
 MARKDOWN_PREFIX = {"title": "# ", "section": "## "}
-REF_TYPE = {"title": "title", "section": "sub_title", "equation": "equation", "table": "table", "caption": "image_caption"}
+REF_TYPE = {"title": "title", "section": "sub_title", "equation": "equation", "table": "table",
+            "caption": "image_caption"}
 
 
 def page_blocks(lines):
@@ -74,7 +75,8 @@ class DocBank(PreparedTask):
         if not blocks:
             return None
         response = "\n\n".join(
-            grounded_block(REF_TYPE.get(label, "text"), MARKDOWN_PREFIX.get(label, "") + text, [v * 999 // 1000 for v in box])
+            grounded_block(REF_TYPE.get(label, "text"), MARKDOWN_PREFIX.get(label, "") + text,
+                           [v * 999 // 1000 for v in box])
             for label, text, box in blocks)
         path = save_image(row["image_bytes"], os.path.join(image_dir, f"{row['name']}.jpg"))
         return dict(text=f"<image>\n{DOC_TO_MARKDOWN}", response=response, image_path=path)

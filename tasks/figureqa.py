@@ -1,4 +1,5 @@
-"""FigureQA (vikhyatk/figureqa): a synthetic figure with yes/no questions -> one sample per question, answered Yes / No."""
+"""FigureQA (vikhyatk/figureqa): a synthetic figure with yes/no questions -> one sample per question, answered Yes or
+No."""
 import os
 
 from dataset import save_image

@@ -1,4 +1,5 @@
-"""PlotQA (achang/plot_qa): a scientific plot -> its description with the data, for DeepSeek-OCR's 'Parse the figure.'"""
+"""PlotQA (achang/plot_qa): a scientific plot -> its description with the data, for DeepSeek-OCR's 'Parse the
+figure.'"""
 import os
 
 from config import PARSE_FIGURE

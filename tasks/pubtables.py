@@ -42,7 +42,8 @@ def table_html(xml_bytes, words):
         for c in range(len(cols)):
             if owner.get((r, c), (r, c)) != (r, c):
                 continue  # inside a spanning cell drawn earlier
-            order = sorted(cells.get((r, c), []), key=lambda w: (w.get("block_num", 0), w.get("line_num", 0), w["bbox"][0]))
+            order = sorted(cells.get((r, c), []),
+                           key=lambda w: (w.get("block_num", 0), w.get("line_num", 0), w["bbox"][0]))
             rowspan, colspan = spans.get((r, c), (1, 1))
             attrs = (f' rowspan="{rowspan}"' if rowspan > 1 else "") + (f' colspan="{colspan}"' if colspan > 1 else "")
             html.append(f"<td{attrs}>" + " ".join(w["text"] for w in order) + "</td>")
@@ -56,9 +57,11 @@ class PubTables(PreparedTask):
 
     def rows(self, split):
         part = {"train": "Train", "val": "Val", "validation": "Val", "test": "Test"}[split]
-        words_dir = extract_tar_once(self.file("PubTables-1M-Structure_Table_Words.tar.gz"), os.path.join(data_dir(self.name), "words"))
+        words_dir = extract_tar_once(self.file("PubTables-1M-Structure_Table_Words.tar.gz"),
+                                     os.path.join(data_dir(self.name), "words"))
         with tarfile.open(self.file(f"PubTables-1M-Structure_Annotations_{part}.tar.gz")) as tf:
-            annotations = {os.path.basename(m.name)[:-4]: tf.extractfile(m).read() for m in tf if m.isfile() and m.name.endswith(".xml")}
+            annotations = {os.path.basename(m.name)[:-4]: tf.extractfile(m).read()
+                           for m in tf if m.isfile() and m.name.endswith(".xml")}
         with tarfile.open(self.file(f"PubTables-1M-Structure_Images_{part}.tar.gz"), "r|gz") as tf:  # streamed: 22 GB
             for member in tf:
                 stem = os.path.splitext(os.path.basename(member.name))[0]

@@ -28,7 +28,8 @@ head yet government system better set told nothing night end why called didn't e
 point next city give group toward young days let room president side social given present several order national
 possible rather second face per among form important often things looked early white case large become felt need big
 open become children begin data model paper method results table figure section value image text page line study
-analysis field level report light river market north south river garden letter window morning music story change""".split()
+analysis field level report light river market north south river garden letter window morning music
+story change""".split()
 CATEGORIES = ["Alpha", "Beta", "Gamma", "Delta", "North", "South", "East", "West", "Red", "Blue", "Green", "Q1", "Q2",
               "Q3", "Q4", "2019", "2020", "2021", "2022", "2023", "Mon", "Tue", "Wed", "Thu", "Fri"]
 SYMBOLS = ["x", "y", "z", "a", "b", "c", "n", "k", r"\alpha", r"\beta", r"\theta", r"\lambda", r"\pi"]
@@ -136,7 +137,8 @@ def render_table(rng, width, height):
     page = Page(rng, width, height)
     n_rows, n_cols = rng.randint(3, 6), rng.randint(2, 4)
     header = [title(rng, 1, 1) for _ in range(n_cols)]
-    rows = [header] + [[rng.choice(CATEGORIES)] + [str(rng.randint(0, 999)) for _ in range(n_cols - 1)] for _ in range(n_rows - 1)]
+    rows = [header] + [[rng.choice(CATEGORIES)] + [str(rng.randint(0, 999)) for _ in range(n_cols - 1)]
+                       for _ in range(n_rows - 1)]
     fnt = font(max(12, int(width / rng.uniform(28, 36))), rng.choice(["sans", "serif", "mono"]))
     cell_w = (width - 2 * page.margin) // n_cols
     cell_h = int(fnt.size * 2.0)
@@ -168,7 +170,8 @@ def draw_chart(page, name, labels, values, kind="bar", colours=((70, 110, 180),)
         points.append((cx, vy))
         page.draw.text((cx - page.draw.textlength(label, font=fnt) / 2, y1 + 4), label, font=fnt, fill=(0, 0, 0))
         if show_values:
-            page.draw.text((cx - page.draw.textlength(str(value), font=fnt) / 2, vy - fnt.size - 4), str(value), font=fnt, fill=(0, 0, 0))
+            page.draw.text((cx - page.draw.textlength(str(value), font=fnt) / 2, vy - fnt.size - 4), str(value),
+                           font=fnt, fill=(0, 0, 0))
     if kind == "bar":
         for i, (cx, vy) in enumerate(points):
             page.draw.rectangle((cx - slot * 0.3, vy, cx + slot * 0.3, y1), fill=colours[i % len(colours)])
@@ -238,7 +241,8 @@ def make_sample(seed, index, kinds=KINDS, sizes=(512, 1024), doc_styles=DOC_STYL
     if rng.random() < 0.3:  # a slightly skewed scan
         image = image.rotate(rng.uniform(-1.0, 1.0), resample=Image.BICUBIC, fillcolor=(255, 255, 255))
     if rng.random() < 0.5:  # light sensor noise
-        noise = np.random.default_rng(rng.randrange(2 ** 32)).normal(0, rng.uniform(2, 8), (image.height, image.width, 1))
+        noise = np.random.default_rng(rng.randrange(2 ** 32)).normal(0, rng.uniform(2, 8),
+                                                                     (image.height, image.width, 1))
         image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
     return image, prompt, response
 
@@ -333,7 +337,8 @@ def corpus(num_docs=2000, seed=0):
         elif kind == "table":
             yield html_table([[title(rng, 1, 1), str(rng.randint(0, 999))] for _ in range(4)])
         elif kind == "chart":
-            yield f"{title(rng)}\n" + html_table([["Category", "Value"], [rng.choice(CATEGORIES), str(rng.randint(1, 99))]])
+            values = [rng.choice(CATEGORIES), str(rng.randint(1, 99))]
+            yield f"{title(rng)}\n" + html_table([["Category", "Value"], values])
         else:
             yield formula(rng)
 

@@ -137,4 +137,7 @@ def test_read_matches_reading_one_page_at_a_time(make_model, tokenizer):
 
 def test_table_cells_are_exempt_from_the_ngram_rule(tokenizer):
     whitelist = table_whitelist(tokenizer)
-    assert [tokenizer.decode([t]) for t in whitelist] == ["<td>", "</td>"][:len(whitelist)]
+    assert "".join(tokenizer.decode([t]) for t in tokenizer.encode("<td>1</td><td>1</td>") if t in whitelist) == \
+        "<td></td><td></td>"  # every token of the tags, and nothing of the cells
+    repeated = tokenizer.encode("<td>1</td>") * 3
+    assert device_bans(repeated, 3, 90) and not device_bans(repeated, 3, 90, whitelist) - set(tokenizer.encode("1"))

@@ -223,9 +223,9 @@ def test_stage_commands_take_every_option_form_and_explain_them(tokenizer_dir):
 
 def test_the_cpu_toy_command_in_the_stage_1_docstring_runs_as_written(tmp_path):
     import scripts.vis_tok_train
-    command = next(line.split("#")[0] for line in scripts.vis_tok_train.__doc__.splitlines() if "# CPU toy" in line)
+    commands = scripts.vis_tok_train.__doc__.split("# CPU toy", 1)[1].split("\n", 1)[1]  # the lines after the comment
     env = dict(os.environ, NANO_DEEPSEEK_OCR_DIR=str(tmp_path), PYTHONPATH=ROOT)
-    out = subprocess.run(["bash", "-c", command.strip().replace("python ", f"{sys.executable} ")], cwd=ROOT, env=env,
+    out = subprocess.run(["bash", "-ec", commands.replace("python ", f"{sys.executable} ")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "held-out CER" in out.stdout and list_checkpoints(os.path.join(tmp_path, "checkpoints", "stage1", "d4-tiny"))
@@ -259,3 +259,13 @@ def test_the_demo_recipe_learns_to_read_pages_it_has_never_seen(tokenizer_dir):
     assert summary["gap_blank"] > 1.0 and summary["gap_other"] > 1.0
     (_, first), (_, last) = summary["similarity"]
     assert last < first - 0.02 and last < cfg.collapse_warn
+    report = open(os.path.join(os.environ["NANO_DEEPSEEK_OCR_DIR"], "report.md")).read()
+    assert f"- held-out CER: {end:.3f} (20 pages)\n- training CER: {training:.3f} (20 pages)" in report
+
+
+def test_the_validation_set_holds_the_cer_pages_when_part_of_it_is_text(tokenizer_dir):
+    from train import build_tasks
+    cfg = tiny_train_config(tokenizer_dir, data="reading", text_fraction=0.5, cer_pages=30, eval_batches=1)
+    val = build_tasks(cfg, "val", world_size=1)
+    pages = sum("messages" not in val[i] for i in range(len(val)))
+    assert 30 <= pages < len(val)  # pages enough for the CER, with text among them
