@@ -30,8 +30,8 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.device = model.image_newline.device
         self.batch_size, self.sync_every = batch_size, sync_every
-        self.cuda_graph = cuda_graph and self.device.type == "cuda"
         cuda = self.device.type == "cuda"
+        self.cuda_graph = cuda_graph and cuda
         # bf16 autocast on CUDA (weights may be fp32 while training); its cast cache cannot live inside a CUDA graph
         self.autocast = torch.autocast("cuda", torch.bfloat16, cache_enabled=False) if cuda else nullcontext()
         # decode attends with a fixed-shape mask: a fused kernel that takes masks, not one planned per shape
