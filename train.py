@@ -217,6 +217,16 @@ def character_error_rate(pairs):
     return sum(normalized_edit_distance(read, expected) for expected, read in pairs) / max(1, len(pairs))
 
 
+def configure_model(model, cfg, device):
+    """What the stage's config sets on a built model: SAM frozen or not, activation checkpointing, compilation."""
+    if cfg.freeze_sam:
+        model.encoder.freeze_sam()
+    model.encoder.set_activation_checkpointing(cfg.activation_checkpointing)
+    if cfg.compile and device.type == "cuda":  # in place: parameter names stay as they are in checkpoints
+        model.encoder.compile()
+        model.gpt.compile()
+
+
 def ranks_in_sync(model):
     """Whether every rank holds the same parameters (per-tensor float64 sum and sum of squares, compared)."""
     if not dist.is_initialized():
@@ -255,9 +265,7 @@ def train(cfg):
         origin = (f"new: GPT {'from ' + cfg.init_gpt if cfg.init_gpt else f'd{cfg.depth} from scratch'}, "
                   f"encoder {cfg.init_encoder}")
     print0(origin)
-    if cfg.freeze_sam:
-        model.encoder.freeze_sam()
-    model.encoder.set_activation_checkpointing(cfg.activation_checkpointing)
+    configure_model(model, cfg, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_params, n_train = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trainable)
     frozen = "SAM frozen" if cfg.freeze_sam else "nothing frozen"
@@ -266,9 +274,6 @@ def train(cfg):
     # ---- optimizers and data ----
     optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.vision_lr,
                                         cfg.weight_decay, adamw_lr=cfg.adamw_lr if cfg.optimizer == "adamw" else None)
-    if cfg.compile and device.type == "cuda":  # in place: parameter names stay as they are in checkpoints
-        model.encoder.compile()
-        model.gpt.compile()
     modes = cfg.modes.split(",")
     for m in modes:
         if m not in MODES:
@@ -459,7 +464,7 @@ def write_report(cfg, summary):
         lines.append(f"- image gap (answer loss with a blank page / another page's image, minus with its own): "
                      f"{summary['gap_blank']:+.3f} / {summary['gap_other']:+.3f} nats per token")
     if summary["cer"]:
-        step, heldout, training, n = summary["cer"][-1]
+        _, heldout, training, n = summary["cer"][-1]
         curve = f"cer_{cfg.stage}_{cfg.tag()}.png"
         line_plot({"held-out CER": [(s, h) for s, h, _, _ in summary["cer"]],
                    "training CER": [(s, t) for s, _, t, _ in summary["cer"]]},

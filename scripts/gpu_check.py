@@ -18,9 +18,10 @@ import torch
 from checkpoint import load_model
 from common import autocast_context
 from dataloader import VisionDataLoader
+from gpt import document_mask
 from scripts.tok_train import load_or_train_tokenizer
 from tasks.synthetic import SyntheticPages
-from train import TrainConfig, build_tasks, train
+from train import TrainConfig, build_tasks, configure_model, train
 
 
 def render(args):
@@ -51,12 +52,7 @@ def timed(fn, device, repeats=3):
 def encoder_and_gpt_seconds(cfg, checkpoint, device):
     """Forward+backward of one fixed micro-batch, the encoder's and the GPT's apart."""
     model, tokenizer, _ = load_model(checkpoint, device)
-    if cfg.freeze_sam:
-        model.encoder.freeze_sam()
-    model.encoder.set_activation_checkpointing(cfg.activation_checkpointing)
-    if cfg.compile and device.type == "cuda":
-        model.encoder.compile()
-        model.gpt.compile()
+    configure_model(model, cfg, device)
     batch = next(iter(VisionDataLoader(build_tasks(cfg, "train", 1), tokenizer, cfg.modes.split(","),
                                        cfg.device_batch_size, cfg.seq_len)))
     ids, targets, doc_ids, positions = (batch[k].to(device) for k in ("input_ids", "targets", "doc_ids", "positions"))
@@ -71,7 +67,6 @@ def encoder_and_gpt_seconds(cfg, checkpoint, device):
         embeds = model.embed(ids, batch["images"]).detach()
 
     def gpt():
-        from gpt import document_mask
         with autocast:
             loss = model.gpt(inputs_embeds=embeds, targets=targets, positions=positions,
                              attn_mask=document_mask(doc_ids))
