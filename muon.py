@@ -78,7 +78,7 @@ class DistMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
-        rank, world_size = dist.get_rank(), dist.get_world_size()
+        world_size = dist.get_world_size()
         for group in self.param_groups:
             params = group["params"]
             per_rank = -(-len(params) // world_size)
