@@ -12,17 +12,19 @@ to hand back finished pages and give their slots to the next ones (continuous ba
 import argparse
 import itertools
 import re
+import sys
 from collections.abc import Sized
 from contextlib import nullcontext
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm import tqdm
 
 from checkpoint import load_model, resolve_checkpoint
 from common import autodetect_device_type
 from config import IMAGE_TOKEN
 from gpt import KVCache
-from image_process import DeepseekOCRProcessor
+from image_process import DeepseekOCRProcessor, ImageError
 
 
 class Engine:
@@ -251,6 +253,28 @@ def add_reader_args(parser, max_tokens):
     parser.add_argument("--device", default=None, help="cuda, cpu or mps (default: the best there is)")
     parser.add_argument("--max_tokens", type=positive_int, default=max_tokens, help="new tokens per page at most")
     parser.add_argument("--batch_size", type=positive_int, default=64, help="pages decoded together")
+
+
+def read_with_progress(engine, pages, mode, max_new_tokens, failed, desc="pages", **generate_kwargs):
+    """
+    pages: [(key, load, prompt)], load() -> PIL image, called only when a slot is about to take the page. Yields
+    (key, image, text) as pages finish, with a progress bar on stderr. A page whose load() raises ImageError is
+    named on stderr, its key appended to `failed`, and the others go on.
+    """
+    images = {}
+
+    def stream():
+        for key, load, prompt in pages:
+            try:
+                images[key] = load()
+            except ImageError as e:
+                print(f"skipping {e}", file=sys.stderr)
+                failed.append(key)
+                continue
+            yield key, images[key], prompt
+    for key, text in tqdm(engine.read_iter(stream(), mode, max_new_tokens, count=len(pages), **generate_kwargs),
+                          total=len(pages), desc=desc, unit="page", file=sys.stderr, disable=len(pages) == 1):
+        yield key, images.pop(key), text
 
 
 def load_engine(args):

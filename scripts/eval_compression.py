@@ -7,13 +7,11 @@ Fox-style precision. Prints a table and saves a plot (precision against compress
 """
 import argparse
 import os
-import sys
-
-from tqdm import tqdm
+from functools import partial
 
 from common import append_report, line_plot, run_command
 from config import base_dir
-from engine import add_reader_args, load_engine
+from engine import add_reader_args, load_engine, read_with_progress
 from image_process import load_image, vision_features
 from metrics import fox_scores
 from tasks.synthetic import SyntheticPages
@@ -24,10 +22,8 @@ def run(engine, pages, modes, max_tokens):
     samples = [pages[i] for i in range(len(pages))]
     rows = []
     for mode in modes:
-        stream = ((i, load_image(s["image_path"]), s["text"]) for i, s in enumerate(samples))
-        for i, answer in tqdm(engine.read_iter(stream, mode, max_tokens, count=len(samples)), total=len(samples),
-                              desc=mode, unit="page",
-                              file=sys.stderr):
+        prompted = [(i, partial(load_image, s["image_path"]), s["text"]) for i, s in enumerate(samples)]
+        for i, _, answer in read_with_progress(engine, prompted, mode, max_tokens, [], mode):
             truth = samples[i]["response"]
             rows.append(dict(mode=mode, text_tokens=len(engine.tokenizer.encode(truth)),
                              vision_features=vision_features(mode), precision=fox_scores(answer, truth)["precision"]))

@@ -13,13 +13,11 @@ import os
 import sys
 import zipfile
 
-from tqdm import tqdm
-
 from common import append_report, atomic_open, run_command
 from config import FREE_OCR, base_dir
-from engine import add_reader_args, load_engine
+from engine import add_reader_args, load_engine, read_with_progress
 from hub import hub_file
-from image_process import ImageError, load_image, num_image_slots, vision_features
+from image_process import load_image, num_image_slots, vision_features
 from metrics import fox_scores
 
 BINS = [(600, 700), (700, 800), (800, 900), (900, 1000), (1000, 1100), (1100, 1200), (1200, 1300)]
@@ -53,22 +51,11 @@ def evaluate(engine, pages, modes, max_tokens, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     results = {}
     for mode in modes:
-        images, failed, rows = {}, [], []
-
-        def stream():
-            for name, load, _ in pages:
-                try:
-                    images[name] = load()
-                except ImageError as e:
-                    print(f"skipping {e}", file=sys.stderr)
-                    failed.append(name)
-                    continue
-                yield name, images[name], FREE_OCR
+        failed, rows = [], []
         truths = {name: truth for name, _, truth in pages}
-        for name, answer in tqdm(engine.read_iter(stream(), mode, max_tokens, count=len(pages)), total=len(pages),
-                                 desc=f"Fox {mode}",
-                                 unit="page", file=sys.stderr):
-            image, truth = images.pop(name), truths[name]
+        prompted = [(name, load, FREE_OCR) for name, load, _ in pages]
+        for name, image, answer in read_with_progress(engine, prompted, mode, max_tokens, failed, f"Fox {mode}"):
+            truth = truths[name]
             rows.append(dict(image=name, label=truth, answer=answer, mode=mode,
                              text_tokens=len(engine.tokenizer.encode(truth)),
                              vision_tokens=num_image_slots(image.width, image.height, mode),

@@ -15,16 +15,14 @@ import argparse
 import json
 import os
 import re
-import sys
-
-from tqdm import tqdm
+from functools import partial
 
 from common import append_report, run_command
 from config import DOC_TO_MARKDOWN, MODES, base_dir
-from engine import add_reader_args, load_engine, table_whitelist
+from engine import add_reader_args, load_engine, read_with_progress, table_whitelist
 from grounding import strip_grounding
 from hub import hub_snapshot
-from image_process import ImageError, load_image
+from image_process import load_image
 from metrics import normalized_edit_distance
 
 TEXT_FIELDS = ("text", "latex", "html")
@@ -64,18 +62,12 @@ def predict(engine, pages, mode, max_tokens, out_dir):
     Returns [(page, markdown)] in the pages' order."""
     os.makedirs(out_dir, exist_ok=True)
     by_name = {os.path.basename(image_path): page for page, image_path in pages}
-
-    def stream():
-        for page, image_path in pages:
-            try:
-                yield os.path.basename(image_path), load_image(image_path), DOC_TO_MARKDOWN
-            except ImageError as e:
-                print(f"skipping {e}", file=sys.stderr)
-    outputs = {}
-    for name, text in tqdm(engine.read_iter(stream(), mode, max_tokens, count=len(pages), no_repeat_ngram_size=20,
-                                            ngram_window=90,
-                                            ngram_whitelist=table_whitelist(engine.tokenizer)),
-                           total=len(pages), desc="OmniDocBench", unit="page", file=sys.stderr):
+    outputs, failed = {}, []
+    prompted = [(os.path.basename(image_path), partial(load_image, image_path), DOC_TO_MARKDOWN)
+                for _, image_path in pages]
+    for name, _, text in read_with_progress(engine, prompted, mode, max_tokens, failed, "OmniDocBench",
+                                            no_repeat_ngram_size=20, ngram_window=90,
+                                            ngram_whitelist=table_whitelist(engine.tokenizer)):
         outputs[name] = strip_grounding(text)
         with open(os.path.join(out_dir, os.path.splitext(name)[0] + ".md"), "w", encoding="utf-8") as f:
             f.write(outputs[name])

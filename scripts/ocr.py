@@ -15,11 +15,10 @@ import os
 import sys
 
 from PIL import ImageDraw
-from tqdm import tqdm
 
 from common import get_dist_info, run_command
 from config import MODES, FREE_OCR
-from engine import add_reader_args, load_engine, table_whitelist
+from engine import add_reader_args, load_engine, read_with_progress, table_whitelist
 from grounding import grounding_boxes, strip_grounding
 from image_process import ImageError, load_image, prepare_image
 
@@ -90,24 +89,10 @@ def main(argv=None):
     print(f"reading {len(pages)} page(s) with {checkpoint}", file=sys.stderr)
 
     # pages are decoded only as slots free up; one that fails is reported and the others go on
-    images = {}
-
-    def stream():
-        nonlocal failures
-        for name, load in pages:
-            try:
-                images[name] = load()
-            except ImageError as e:
-                print(f"skipping {e}", file=sys.stderr)
-                failures += 1
-                continue
-            yield name, images[name], args.prompt
-
-    results = []
+    results, failed = [], []
     ngram = dict(no_repeat_ngram_size=20, ngram_window=90, ngram_whitelist=table_whitelist(engine.tokenizer))
-    for name, text in tqdm(engine.read_iter(stream(), args.mode, args.max_tokens, count=len(pages), **ngram),
-                           total=len(pages), desc="pages", unit="page", file=sys.stderr, disable=len(pages) == 1):
-        image = images.pop(name)
+    prompted = [(name, load, args.prompt) for name, load in pages]
+    for name, image, text in read_with_progress(engine, prompted, args.mode, args.max_tokens, failed, **ngram):
         print((f"===== {name}\n" if len(pages) > 1 else "") + strip_grounding(text), flush=True)
         out_stem = os.path.join(args.out, os.path.basename(name)) if args.out else None
         if out_stem:
@@ -120,6 +105,7 @@ def main(argv=None):
             draw_boxes(image, boxes).save(boxes_path)
             print(f"({len(boxes)} boxes drawn -> {boxes_path})", file=sys.stderr)
         results.append((name, text))
+    failures += len(failed)
     if failures:
         print(f"{failures} input(s) could not be read", file=sys.stderr)
     return results, failures
