@@ -8,11 +8,48 @@ import json
 import os
 import shutil
 import tarfile
+from collections import Counter
 
 from tqdm import tqdm
 
-from common import atomic_open
+from common import UserError, atomic_open
 from config import data_dir
+
+
+class MissingSplit(UserError):
+    """A local copy of a dataset that lacks the split asked for."""
+
+
+def load_local_dataset(directory, config, split, streaming=True):
+    """A local copy of a dataset repository (streamed by default): the task's config where the copy has several (a
+    copy of one config's files has only 'default'), and the split asked for. What is wrong with it is one UserError."""
+    from datasets import get_dataset_config_names, get_dataset_split_names, load_dataset
+    try:
+        configs = get_dataset_config_names(directory)
+        name = config if config in configs else None
+        if name is None and configs != ["default"]:
+            raise UserError(f"{directory} holds the configs {configs}, not {config!r}, the one this task reads")
+        splits = get_dataset_split_names(directory, name)
+        if split not in splits:
+            raise MissingSplit(f"{directory} has no {split!r} split (it has {splits})")
+        return load_dataset(directory, name, split=split, streaming=streaming)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{directory}: not a readable copy of the dataset "
+                        f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
+
+
+def check_local_copy(directory, name):
+    """A --source directory must exist and hold something: say which it is not, before any slow work."""
+    if not os.path.isdir(directory):
+        raise UserError(f"{name}: {directory} is not a directory (a local copy of the dataset repository was expected)")
+    try:
+        if not os.listdir(directory):
+            raise UserError(f"{name}: {directory} is empty: copy the dataset's files there first "
+                            "(`hf download <repo> --repo-type dataset --local-dir DIR`)")
+    except PermissionError as e:
+        raise UserError(f"{name}: {directory} cannot be read ({e.strerror})") from None
 
 
 def save_image(image, path):
@@ -49,13 +86,15 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def prepare_samples(name, rows, to_sample, max_samples=None, total=None):
+def prepare_samples(name, rows, to_sample, max_samples=None, total=None, tally=None):
     """
     Turn dataset rows into samples.jsonl under data_dir(name). rows() gives the rows (called only when there is
     no samples.jsonl yet, so a prepared dataset needs no hub); to_sample(row, index, image_dir) returns a sample
-    dict, a list of them (a row with several questions), or None (row unusable). Resumable: progress.json records
-    how many rows were consumed, and a restart skips them. Returns the path of samples.jsonl.
+    dict, a list of them (a row with several questions), or None (row unusable). tally: a Counter to_sample may
+    fill with what it changed or dropped; it is reported at the end. Resumable: progress.json records how many rows
+    were consumed (and the tally so far), and a restart skips them. Returns the path of samples.jsonl.
     """
+    tally = Counter() if tally is None else tally
     root = data_dir(name)
     final, partial, progress_path = (os.path.join(root, f)
                                      for f in ("samples.jsonl", "samples.jsonl.partial", "progress.json"))
@@ -68,6 +107,7 @@ def prepare_samples(name, rows, to_sample, max_samples=None, total=None):
     if os.path.exists(progress_path) and os.path.exists(partial):
         with open(progress_path) as f:
             progress = json.load(f)
+        tally.update(progress.pop("tally", {}))
         with open(partial, encoding="utf-8") as f:
             kept = [line for _, line in zip(range(progress["samples"]), f)]  # drop lines written after the last save
         with open(partial, "w", encoding="utf-8") as f:
@@ -77,7 +117,7 @@ def prepare_samples(name, rows, to_sample, max_samples=None, total=None):
 
     def save_progress():
         with atomic_open(progress_path) as f:
-            json.dump(progress, f)
+            json.dump(dict(progress, tally=tally), f)
 
     # stream the rows, skip those already consumed, append samples, save progress every 100 rows
     bar = tqdm(total=max_samples or total, initial=progress["samples"], desc=f"preparing {name}", unit="sample")
@@ -104,5 +144,6 @@ def prepare_samples(name, rows, to_sample, max_samples=None, total=None):
     os.replace(partial, final)
     if os.path.exists(progress_path):
         os.remove(progress_path)
-    print(f"{name}: {progress['samples']} samples, {progress['skipped']} rows skipped -> {final}")
+    changed = "".join(f", {what}: {n}" for what, n in sorted(tally.items()))
+    print(f"{name}: {progress['samples']} samples, {progress['skipped']} rows skipped{changed} -> {final}")
     return final

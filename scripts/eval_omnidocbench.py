@@ -12,6 +12,7 @@ order, whitespace collapsed) against our markdown with the markup stripped. Not 
   python -m scripts.eval_omnidocbench [--checkpoint DIR] [--mode base] [--data DIR] [--max_pages N]
 """
 import argparse
+import html
 import json
 import os
 import re
@@ -24,9 +25,6 @@ from grounding import strip_grounding
 from hub import hub_snapshot
 from image_process import load_image
 from metrics import normalized_edit_distance
-
-TEXT_FIELDS = ("text", "latex", "html")
-
 
 def load_pages(source=None, max_pages=0):
     """(OmniDocBench.json path, [(page dict, image path)]) from a local copy or the hub; images are opened later."""
@@ -42,10 +40,19 @@ def load_pages(source=None, max_pages=0):
 
 
 def plain(text):
-    """Text without markdown / HTML / grounding markup, whitespace collapsed, for the quick score."""
-    text = re.sub(r"<[^>]+>", " ", strip_grounding(text))
+    """Text without markdown / HTML / grounding markup, entities decoded, whitespace collapsed, for the quick score
+    (applied to both sides alike)."""
+    text = html.unescape(re.sub(r"<[^>]+>", " ", strip_grounding(text)))
     text = re.sub(r"^#+\s*|^\s*[-*]\s+|\*\*|__", "", text, flags=re.M)
     return " ".join(text.split())
+
+
+def block_text(block):
+    """A layout block's ground truth: a table's HTML (its cells, as we write tables; its LaTeX could never match),
+    an equation's LaTeX, any other block's text."""
+    if block.get("category_type") == "table":
+        return block.get("html") or ""
+    return block.get("text") or block.get("latex") or ""
 
 
 def page_text(page):
@@ -53,8 +60,7 @@ def page_text(page):
     skipped)."""
     blocks = [b for b in page.get("layout_dets", [])
               if b.get("category_type") != "abandon" and b.get("order") is not None]
-    texts = (next((b[k] for k in TEXT_FIELDS if b.get(k)), "") for b in sorted(blocks, key=lambda b: b["order"]))
-    return plain(" ".join(texts))
+    return plain(" ".join(block_text(b) for b in sorted(blocks, key=lambda b: b["order"])))
 
 
 def predict(engine, pages, mode, max_tokens, out_dir):

@@ -33,8 +33,7 @@ def main(argv=None):
                 task = split_of(cls, split, args.max_samples or None, sources.get(cls.name))
                 print(f"{cls.name} {split}: {len(task):,} samples")
     if not wanted or "smoltalk" in wanted:
-        source = {"source": sources["smoltalk"]} if "smoltalk" in sources else {}
-        task = SmolTalk("train", args.max_samples or None, **source)
+        task = SmolTalk("train", args.max_samples or None, source=sources.get("smoltalk"))
         print(f"smoltalk: {len(task):,} conversations")
 
 

@@ -6,10 +6,11 @@ Text sample:   {"messages": [{"role": "user", "content": ...}, {"role": "assista
 import copy
 import math
 import os
+from collections import Counter
 
 import numpy as np
 
-from dataset import read_jsonl, prepare_samples
+from dataset import check_local_copy, load_local_dataset, read_jsonl, prepare_samples
 from hub import load_hf_dataset, hub_file, hub_list_files
 
 HINT = "or pass a local copy of the dataset repository (scripts.prepare_data --source NAME=DIR)"
@@ -58,24 +59,30 @@ class JsonlTask(Task):
 
 class PreparedTask(JsonlTask):
     """
-    A real dataset: rows streamed from the hub (or from `source`, a local directory in the hub's layout),
-    turned into samples by to_sample(row, index, image_dir) once, cached as samples.jsonl + images on disk.
-    Subclasses set name / hf_id (/ config_name) and write to_sample; those not on `datasets` override rows().
+    A real dataset: rows streamed from the hub (or from `source`, a local copy of the hub repository), turned into
+    samples by to_sample(row, index, image_dir) once, cached as samples.jsonl + images on disk. Subclasses set
+    name / hf_id (/ config_name) and write to_sample, which may count what it changed in self.tally; those not
+    on `datasets` override rows().
     """
     name = hf_id = config_name = None
     val_split = None  # the dataset's validation split name; None = hold out part of train
 
     def __init__(self, split="train", max_samples=None, source=None, **kwargs):
+        if source is not None:
+            check_local_copy(source, self.name)
         self.source = source or self.hf_id
+        self.tally = Counter()
         key = f"{self.name}-{split}" + (f"-{max_samples}" if max_samples else "")
-        super().__init__(prepare_samples(key, lambda: self.rows(split), self.to_sample, max_samples), **kwargs)
+        super().__init__(prepare_samples(key, lambda: self.rows(split), self.to_sample, max_samples, tally=self.tally),
+                         **kwargs)
 
     def local(self):
         return os.path.isdir(self.source)
 
     def rows(self, split):
-        # a local directory holds one config's files, so the config name only applies on the hub
-        return load_hf_dataset(self.source, None if self.local() else self.config_name, split=split, hint=HINT)
+        if self.local():
+            return load_local_dataset(self.source, self.config_name, split)
+        return load_hf_dataset(self.source, self.config_name, split=split, hint=HINT)
 
     def file(self, filename):
         """A file of the dataset repo: from the local directory, or downloaded (and cached) from the hub."""

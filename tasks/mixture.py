@@ -2,6 +2,11 @@
 What the stages train on: the nine datasets with their weights (DocBank and olmOCR x2) plus ~10% text in stage 2,
 or the offline synthetic pages; and each dataset's train / validation split.
 """
+import hashlib
+import os
+
+from common import print0
+from dataset import MissingSplit
 from tasks.chartqa import ChartQA
 from tasks.common import VisionTaskMixture
 from tasks.docbank import DocBank
@@ -20,15 +25,27 @@ VISION_TASKS = [(DocBank, 2.0), (OlmOCR, 2.0), (LlavaCC3M, 1.0), (PlotQA, 1.0), 
 
 
 def split_of(cls, split, max_samples, source=None):
-    """A dataset's train or validation part; those without a validation split hold out their last 2% (up to 500)."""
-    if split == "train" or cls.val_split:
-        return cls(split="train" if split == "train" else cls.val_split, max_samples=max_samples, source=source)
-    task = cls(split="train", max_samples=max_samples, source=source)
-    n_val = min(500, max(1, len(task) // 50))
-    if split == "train":
-        task.stop = len(task) - n_val
-    else:
-        task.start = len(task) - n_val
+    """A dataset's train or validation part: its own validation split where it has one (and this copy of it holds
+    it: the validation split is prepared first to know), else whole images held out of train (see hold_out)."""
+    if cls.val_split:
+        try:
+            val = cls(split=cls.val_split, max_samples=max_samples, source=source)
+            return val if split != "train" else cls(split="train", max_samples=max_samples, source=source)
+        except MissingSplit as e:
+            if split != "train":
+                print0(f"{cls.name}: {e}; holding out part of train for validation instead")
+    return hold_out(cls(split="train", max_samples=max_samples, source=source), split)
+
+
+def hold_out(task, split):
+    """The train or validation part of a dataset without a validation split: validation is whole images (a figure
+    with all its questions, a page), about 2% of them (1 to 500), chosen by a hash of the image file's name, so the
+    two parts never share an image and the choice does not change between runs."""
+    images = sorted({s["image_path"] for s in task.samples},
+                    key=lambda p: hashlib.sha256(os.path.basename(p).encode()).hexdigest())
+    n_val = min(500, max(1, len(images) // 50)) if len(images) > 1 else 0
+    held = set(images[:n_val])
+    task.samples = [s for s in task.samples if (s["image_path"] in held) == (split != "train")]
     return task
 
 

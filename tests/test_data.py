@@ -1,10 +1,13 @@
 """The nine dataset transformations on fixtures in each dataset's real layout, the synthetic task, mixtures, the loader."""
+import hashlib
 import io
 import json
 import os
 import random
+import re
 import tarfile
 import zipfile
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -14,13 +17,15 @@ from PIL import Image
 
 from config import DOC_TO_MARKDOWN, FORMULA_TO_LATEX, MARKDOWN_NO_GROUNDING, PARSE_FIGURE
 from dataloader import VisionDataLoader
+from common import UserError
 from tasks.chartqa import ChartQA
 from tasks.common import Task, VisionTaskMixture
-from tasks.docbank import DocBank
+from tasks.docbank import DocBank, page_blocks
 from tasks.figureqa import FigureQA
 from tasks.latex_formulas import LatexFormulas
 from tasks.llava_cc3m import LlavaCC3M
 from tasks.mathwriting import MathWriting
+from tasks.mixture import VISION_TASKS, split_of
 from tasks.olmocr import OlmOCR
 from tasks.plotqa import PlotQA
 from tasks.pubtables import PubTables
@@ -119,6 +124,51 @@ def test_docbank(tmp_path):
     assert DocBank(split="val", source=str(tmp_path))[0]["response"].endswith("\nx")
 
 
+def docbank_line(token, x0, y0, x1, y1, label, font="NimbusRomNo9L-Regu"):
+    return "\t".join([token, str(x0), str(y0), str(x1), str(y1), "0", "0", "0", font, label])
+
+
+def two_column_page(rows=8):
+    """A DocBank .txt as the real ones are: CRLF, tokens line by line across the whole width, so each line holds the
+    left column's words, then the right column's; a full-width title above, a page number below (in the gutter)."""
+    lines = [docbank_line(w, x, 60, x + 94, 75, "title") for w, x in (("Reading", 300), ("Order", 400), ("Matters", 500))]
+    for r in range(rows):
+        y = 120 + 16 * r
+        words = [(f"L{r}a", 80, 190), (f"L{r}b", 196, 310), ("e\ufb03cient" if r == 3 else f"L{r}c", 316, 440),
+                 ("(cid:27)" if r == 5 else f"R{r}a", 530, 640), (f"R{r}b", 646, 770), (f"R{r}c", 776, 900)]
+        lines += [docbank_line(w, x0, y, x1, y + 12, "paragraph") for w, x0, x1 in words]
+    lines.append(docbank_line("7", 495, 950, 505, 962, "footer"))
+    return "\r\n".join(lines) + "\r\n"
+
+
+def test_docbank_reads_two_columns_one_after_the_other():
+    tally = Counter()
+    blocks = page_blocks(two_column_page().splitlines(keepends=True), tally)
+    assert [label for label, _, _ in blocks] == ["title", "paragraph", "paragraph", "footer"]
+    title, left, right, footer = (text for _, text, _ in blocks)
+    assert title == "Reading Order Matters" and footer == "7"
+    assert left == " ".join(f"L{r}{c}" if (r, c) != (3, "c") else "efficient" for r in range(8) for c in "abc")
+    assert right == " ".join(f"R{r}{c}" for r in range(8) for c in "abc" if (r, c) != (5, "a"))
+    assert blocks[1][2] == [80, 120, 440, 244] and blocks[2][2] == [530, 120, 900, 244]  # neither crosses the gutter
+    assert tally == Counter({"ligatures spelled out": 1, "(cid:N) tokens dropped": 1, "two-column pages": 1})
+
+
+def test_docbank_keeps_one_column_pages_and_full_width_tables_in_line_order():
+    rng, lines, words = random.Random(0), [], []
+    for r in range(12):  # one column of text: words of all widths run across the middle of every line
+        x = 80
+        while x < 850:
+            width = rng.randint(20, 90)
+            words.append(f"w{len(words)}")
+            lines.append(docbank_line(words[-1], x, 100 + 16 * r, x + width, 112 + 16 * r, "paragraph"))
+            x += width + 6
+    table = [docbank_line(f"c{r}{k}", x, 300 + 14 * r, x + 60, 310 + 14 * r, "table")  # a wide table: a gap mid-page
+             for r in range(8) for k, x in enumerate((150, 300, 620, 760))]
+    blocks = page_blocks(lines + table)
+    assert [(label, text) for label, text, _ in blocks] == [
+        ("paragraph", " ".join(words)), ("table", " ".join(f"c{r}{k}" for r in range(8) for k in range(4)))]
+
+
 def test_olmocr_renders_the_pdf(tmp_path):
     page = Image.new("RGB", (300, 400), (255, 255, 255))
     page.paste((0, 0, 0), (50, 50, 250, 80))
@@ -200,6 +250,152 @@ def test_preparation_resumes_after_a_crash(tmp_path, monkeypatch):
     task = PlotQA(source=src)
     assert [s["response"] for s in task.samples] == [f"plot {i}" for i in range(n)]  # none lost, none doubled
     assert calls.count(0) == 1 and calls.count(progress["rows"]) == 2  # resumed after the last saved row
+
+
+# ---- splits and local copies: what real dataset files need ----
+
+def distinct_png(row, fmt="PNG"):
+    return png_bytes((40 + row, 30 + row % 7), ((37 * row) % 256, (91 * row) % 256, 120), fmt)
+
+
+def image_table(rows, split, **columns):
+    """Parquet columns image + the given per-row columns (functions of the row number)."""
+    return {"image": [dict(bytes=distinct_png(r), path=None) for r in rows], **{k: [f(r) for r in rows] for k, f in columns.items()}}
+
+
+def copy_of(cls, root, n=120):
+    """A local copy of each dataset in its real layout, n rows (figures, pages, images), row r naming itself 'r<r>'."""
+    train, val = range(n), range(n, n + 5)
+    img = dict(image=ImageFeature(decode=False))
+    if cls in (ChartQA, PlotQA, MathWriting, FigureQA, LatexFormulas):
+        column, feature = {ChartQA: ("query", Value("string")), PlotQA: ("text", Value("string")),
+                           MathWriting: ("latex", Value("string")), LatexFormulas: ("latex_formula", Value("string")),
+                           FigureQA: ("qa", [dict(question=Value("string"), answer=Value("string"))])}[cls]
+        value = (lambda r: [dict(question=f"Is r{r} q{k} high?", answer=str(k % 2)) for k in range(13)]) if cls is FigureQA \
+            else (lambda r: f"r{r}")
+        extra = dict(label=(lambda r: ["Yes"]),) if cls is ChartQA else {}
+        features = dict(img, **{column: feature}, **({"label": Sequence(Value("string"))} if extra else {}))
+        for split, rows in (("train", train),) + (((cls.val_split, val),) if cls.val_split else ()):
+            write_parquet(root, image_table(rows, split, **{column: value}, **extra), features, split)
+    elif cls is LlavaCC3M:
+        chat = [dict(id=f"r{r}", image=f"GCC_{r}.jpg", conversations=[dict(value="<image>\nDescribe.", **{"from": "human"}),
+                                                                       dict(value=f"r{r}", **{"from": "gpt"})]) for r in train]
+        (root / "chat.json").write_text(json.dumps(chat))
+        with zipfile.ZipFile(root / "images.zip", "w") as z:
+            for r in train:
+                z.writestr(f"GCC_{r}.jpg", distinct_png(r, "JPEG"))
+    elif cls is DocBank:
+        with zipfile.ZipFile(root / "DocBank_500K_txt.zip", "w") as z:
+            for r in range(n):
+                z.writestr(f"DocBank_500K_txt/p{r:04d}.txt", docbank_line(f"r{r}", 100, 100, 200, 120, "paragraph") + "\r\n")
+        with zipfile.ZipFile(root / "DocBank_500K_ori_img.zip.001", "w") as z:
+            for r in range(n):
+                z.writestr(f"DocBank_500K_ori_img/p{r:04d}_ori.jpg", distinct_png(r, "JPEG"))
+    elif cls is OlmOCR:
+        os.makedirs(root / "pdf_tarballs")
+        for split, rows in (("train", range(4)), ("eval", range(4, 6))):
+            tarball = f"pdf_tarballs/00_documents_{split}_00000.tar.gz"
+            with tarfile.open(root / tarball, "w:gz") as tf:
+                for r in rows:
+                    pdf = io.BytesIO()
+                    Image.open(io.BytesIO(distinct_png(r))).convert("RGB").save(pdf, format="PDF")
+                    add_file(tf, f"./r{r}.pdf", pdf.getvalue())
+            Dataset.from_dict(dict(id=[f"r{r}" for r in rows], natural_text=[f"r{r}" for r in rows],
+                                   pdf_relpath=[f"{tarball}:r{r}.pdf" for r in rows])).to_parquet(str(root / f"00_documents_{split}.parquet"))
+    elif cls is PubTables:
+        words = {}
+        for part, rows in (("Train", range(4)), ("Val", range(4, 6))):
+            xml = {f"r{r}.xml": ("<annotation>" + "".join(f"<object><name>{name}</name><bndbox><xmin>0</xmin><ymin>0</ymin><xmax>50</xmax>"
+                                 f"<ymax>20</ymax></bndbox></object>" for name in ("table row", "table column")) + "</annotation>").encode()
+                   for r in rows}
+            for name, files in ((f"Annotations_{part}", xml), (f"Images_{part}", {f"r{r}.jpg": distinct_png(r, "JPEG") for r in rows})):
+                with tarfile.open(root / f"PubTables-1M-Structure_{name}.tar.gz", "w:gz") as tf:
+                    for member, data in files.items():
+                        add_file(tf, member, data)
+            words.update({f"words/r{r}_words.json": json.dumps([dict(bbox=[5, 5, 20, 15], text=f"r{r}")]).encode() for r in rows})
+        with tarfile.open(root / "PubTables-1M-Structure_Table_Words.tar.gz", "w:gz") as tf:
+            for member, data in words.items():
+                add_file(tf, member, data)
+    return str(root)
+
+
+def row_of(sample):
+    return int(re.search(r"\br(\d+)", sample["text"] + " " + sample["response"]).group(1))
+
+
+def image_digest(sample):
+    return hashlib.sha256(open(sample["image_path"], "rb").read()).hexdigest()
+
+
+@pytest.mark.parametrize("cls", [cls for cls, _ in VISION_TASKS], ids=lambda c: c.name)
+def test_train_and_validation_share_no_row_and_no_image(cls, tmp_path):
+    src = copy_of(cls, tmp_path)
+    train, val = (split_of(cls, split, None, src) for split in ("train", "val"))
+    train, val = ([t[i] for i in range(len(t))] for t in (train, val))
+    assert train and val
+    for key in (row_of, lambda s: s["image_path"], image_digest):
+        assert not {key(s) for s in train} & {key(s) for s in val}
+
+
+def test_held_out_figures_keep_all_their_questions(tmp_path, monkeypatch):
+    src = copy_of(FigureQA, tmp_path)
+    val = split_of(FigureQA, "val", None, src)
+    assert len(val) == 2 * 13 and sorted(Counter(map(row_of, val.samples)).values()) == [13, 13]  # 120 // 50 figures
+    monkeypatch.setenv("NANO_DEEPSEEK_OCR_DIR", str(tmp_path / "again"))  # prepared afresh: the same figures
+    assert sorted(map(row_of, split_of(FigureQA, "val", None, src).samples)) == sorted(map(row_of, val.samples))
+
+
+def test_a_copy_without_its_validation_split_holds_out_part_of_train(tmp_path, capsys):
+    src = copy_of(OlmOCR, tmp_path)
+    for name in ("00_documents_eval.parquet", "pdf_tarballs/00_documents_eval_00000.tar.gz"):
+        os.remove(os.path.join(src, name))
+    train, val = (split_of(OlmOCR, split, None, src) for split in ("train", "val"))
+    assert len(train) == 3 and len(val) == 1 and not {row_of(s) for s in train} & {row_of(s) for s in val}
+    assert "has no {subset}_eval.parquet" in capsys.readouterr().out
+
+
+def test_a_multi_config_copy_loads_the_tasks_config(tmp_path):
+    features = dict(image=ImageFeature(), latex_formula=Value("string"))
+    for config, formula in (("cleaned_formulas", "x^2"), ("raw_formulas", "raw")):
+        Dataset.from_dict(dict(image=[png_bytes()], latex_formula=[formula]), features=Features(features)).to_parquet(
+            str(tmp_path / config / "train-00000-of-00001.parquet"))
+    (tmp_path / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train-*\n" for c in ("cleaned_formulas", "raw_formulas")) + "---\n")
+    assert LatexFormulas(source=str(tmp_path))[0]["response"] == "x^2"
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty", "wrong config"])
+def test_a_bad_local_copy_is_named_without_the_hub_hint(tmp_path, problem):
+    src = tmp_path / "copy"
+    if problem != "missing":
+        os.makedirs(src)
+    if problem == "wrong config":
+        os.makedirs(src / "other_formulas")
+        Dataset.from_dict(dict(latex_formula=["x"])).to_parquet(str(src / "other_formulas" / "train-0.parquet"))
+        (src / "README.md").write_text("---\nconfigs:\n- config_name: other_formulas\n  data_files: other_formulas/*\n"
+                                       "- config_name: more\n  data_files: other_formulas/*\n---\n")
+    with pytest.raises(UserError) as e:
+        LatexFormulas(source=str(src))
+    message = str(e.value)
+    assert str(src) in message and "not in the local cache" not in message
+    assert {"missing": "not a directory", "empty": "is empty", "wrong config": "'cleaned_formulas'"}[problem] in message
+
+
+def test_olmocr_turns_pages_upright(tmp_path):
+    page = Image.new("RGB", (300, 400), (255, 255, 255))
+    page.paste((0, 0, 0), (0, 0, 300, 60))  # a dark band along the top edge of the upright page
+    pdf = io.BytesIO()
+    page.transpose(Image.Transpose.ROTATE_270).save(pdf, format="PDF")  # scanned a quarter turn clockwise
+    os.makedirs(tmp_path / "pdf_tarballs")
+    with tarfile.open(tmp_path / "pdf_tarballs" / "00_documents_train_00000.tar.gz", "w:gz") as tf:
+        add_file(tf, "./doc.pdf", pdf.getvalue())
+    Dataset.from_dict(dict(id=["doc"], natural_text=["Top band."], is_rotation_valid=[False], rotation_correction=[90],
+                           pdf_relpath=["pdf_tarballs/00_documents_train_00000.tar.gz:doc.pdf"])).to_parquet(
+        str(tmp_path / "00_documents_train.parquet"))
+    task = OlmOCR(source=str(tmp_path))
+    image = np.asarray(Image.open(task[0]["image_path"]).convert("L"))
+    assert image.shape[0] > image.shape[1] and image[:image.shape[0] // 10].mean() < 60  # portrait, band on top
+    assert task.tally["pages turned upright"] == 1
 
 
 # ---- synthetic pages ----

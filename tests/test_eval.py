@@ -147,17 +147,19 @@ def test_omnidocbench_runner_on_a_fixture(make_model, tokenizer, tmp_path):
     os.makedirs(tmp_path / "images")
     Image.new("RGB", (500, 700), (255, 255, 255)).save(tmp_path / "images" / "doc_a.jpg")
     gt = [dict(layout_dets=[dict(category_type="title", order=0, text="Hello"), dict(category_type="text_block", order=1, text="World  wide"),
-                            dict(category_type="abandon", order=2, text="page 3"), dict(category_type="table", order=3, html="<table><tr><td>1</td></tr></table>")],
+                            dict(category_type="abandon", order=2, text="page 3"),
+                            dict(category_type="table", order=3, latex="\\begin{tabular}{l} 1 \\& 2 \\end{tabular}",  # both, as the real file
+                                 html="<table>\n<tr>\n <td>1 &amp; 2</td>\n</tr>\n</table>")],
                page_info=dict(image_path="doc_a.jpg", page_no=0, height=700, width=500, page_attribute=dict(language="english")))]
     (tmp_path / "OmniDocBench.json").write_text(json.dumps(gt))
     gt_path, pages = eval_omnidocbench.load_pages(str(tmp_path))
-    assert eval_omnidocbench.page_text(pages[0][0]) == "Hello World wide 1"
+    assert eval_omnidocbench.page_text(pages[0][0]) == "Hello World wide 1 & 2"  # a table's cells, not its LaTeX
     outputs = eval_omnidocbench.predict(Engine(make_model().eval(), tokenizer), pages, "tiny", 5, str(tmp_path / "md"))
     assert os.listdir(tmp_path / "md") == ["doc_a.md"]
     assert (tmp_path / "md" / "doc_a.md").read_text() == outputs[0][1]
-    scores = eval_omnidocbench.quick_scores([(gt[0], "# Hello\n\nWorld wide\n\n<table><tr><td>1</td></tr></table>")])
+    scores = eval_omnidocbench.quick_scores([(gt[0], "# Hello\n\nWorld wide\n\n<table><tr><td>1 &amp; 2</td></tr></table>")])
     assert scores == dict(english=0.0, all=0.0)
-    assert eval_omnidocbench.quick_scores([(gt[0], "Hello")])["all"] == pytest.approx(normalized_edit_distance("Hello", "Hello World wide 1"))
+    assert eval_omnidocbench.quick_scores([(gt[0], "Hello")])["all"] == pytest.approx(normalized_edit_distance("Hello", "Hello World wide 1 & 2"))
 
 
 def test_compression_study_runs(make_model, tokenizer, tmp_path):
