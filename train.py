@@ -15,14 +15,15 @@ import torch.nn.functional as F
 
 from checkpoint import (save_checkpoint, resolve_checkpoint, list_checkpoints, load_model, load_training_state,
                         set_rng_state, new_model)
-from common import compute_init, compute_cleanup, print0, DummyWandb, append_report, autocast_context, line_plot
+from common import (compute_init, compute_cleanup, print0, DummyWandb, append_report, autocast_context, line_plot,
+                    UserError)
 from config import base_dir, checkpoint_dir, MODES
 from dataloader import VisionDataLoader, sample_image
 from engine import Engine
 from image_process import DeepseekOCRProcessor, ImageError, load_image
 from metrics import normalized_edit_distance
 from tasks.mixture import mixture
-from tasks.synthetic import SyntheticPages
+from tasks.synthetic import READING_KINDS, SyntheticPages
 
 
 @dataclass
@@ -49,6 +50,7 @@ class TrainConfig:
     compile: bool = True                   # torch.compile the encoder and the GPT (CUDA only; the first steps compile)
     # data
     data: str = "synthetic"                # reading (text lines made on the fly) | synthetic (pages) | real
+    reading: str = "grid"                  # reading pages: kind:weight,... of grid (a character per cell) and type
     text_fraction: float = 0.0             # share of text-only samples (stage 2: 0.1)
     num_synthetic: int = 20000             # synthetic pages (reading: the length of the stream)
     synthetic_kinds: str = "document,table,chart,formula"
@@ -129,9 +131,18 @@ def build_tasks(cfg, split, world_size):
     pages = math.ceil(1.5 * max(cfg.cer_pages, cfg.sample_count) / (1 - cfg.text_fraction))
     n_eval = max(cfg.eval_batches * cfg.device_batch_size * world_size, pages, 1)
     synthetic = dict(num_samples=cfg.num_synthetic, kinds=cfg.synthetic_kinds.split(","),
-                     sizes=(cfg.synthetic_min_size, cfg.synthetic_max_size))
+                     sizes=(cfg.synthetic_min_size, cfg.synthetic_max_size), reading=reading_kinds(cfg.reading))
     return mixture(cfg.data, split, cfg.seed, None if split == "train" else n_eval, cfg.text_fraction,
                    cfg.max_samples, synthetic)
+
+
+def reading_kinds(spec):
+    """--reading 'grid:0.3,type:0.7' (a bare kind weighs 1) -> [(kind, weight)]."""
+    kinds = [(k, float(w or 1)) for k, _, w in (part.partition(":") for part in spec.split(","))]
+    unknown = [k for k, _ in kinds if k not in READING_KINDS]
+    if unknown:
+        raise UserError(f"--reading: unknown page kinds {unknown}; kinds are {list(READING_KINDS)}")
+    return kinds
 
 
 def blank_images(images):
@@ -192,8 +203,8 @@ def encoder_collapse(model, views, autocast):
 
 
 def read_pages(model, tokenizer, task, n, mode, max_tokens):
-    """Greedy-read the first n vision samples of a task: [(expected, read)]. A sample whose image cannot be read is
-    reported and passed over."""
+    """Greedy-read the first n vision samples of a task: [(expected, read, kind of page)]. A sample whose image cannot
+    be read is reported and passed over."""
     pages = []
     for i in range(len(task)):
         if len(pages) == n:
@@ -202,7 +213,7 @@ def read_pages(model, tokenizer, task, n, mode, max_tokens):
         if "messages" in sample:
             continue
         try:
-            pages.append((i, sample_image(sample), sample["text"], sample["response"]))
+            pages.append((i, sample_image(sample), sample["text"], sample["response"], sample.get("kind", "")))
         except ImageError as e:
             print0(f"  sample {i}: skipped, {e}")
     # reading past twice the longest answer only adds errors: a cap keeps an untrained model's eval short
@@ -210,11 +221,21 @@ def read_pages(model, tokenizer, task, n, mode, max_tokens):
     model.eval()
     read = dict(Engine(model, tokenizer).read_iter([p[:3] for p in pages], mode, max_tokens))
     model.train()
-    return [(expected, read[i]) for i, _, _, expected in pages]
+    return [(expected, read[i], kind) for i, _, _, expected, kind in pages]
 
 
-def character_error_rate(pairs):
-    return sum(normalized_edit_distance(read, expected) for expected, read in pairs) / max(1, len(pairs))
+def character_error_rate(pages):
+    return sum(normalized_edit_distance(read, expected) for expected, read, _ in pages) / max(1, len(pages))
+
+
+def cer_by_kind(heldout, training):
+    """{kind: (held-out CER, training CER, pages)} when the pages are of several kinds, else {}."""
+    kinds = sorted({k for _, _, k in heldout})
+    if len(kinds) < 2:
+        return {}
+    return {k: (character_error_rate([p for p in heldout if p[2] == k]),
+                character_error_rate([p for p in training if p[2] == k]), sum(p[2] == k for p in heldout))
+            for k in kinds}
 
 
 def configure_model(model, cfg, device):
@@ -304,7 +325,8 @@ def train(cfg):
 
     # ---- the loop ----
     train_iter = iter(loader)
-    summary = dict(losses=[], steps=[], val_loss=None, similarity=[], samples=[], cer=[], start_step=start_step,
+    summary = dict(losses=[], steps=[], val_loss=None, similarity=[], samples=[], cer=[], cer_by_kind=[],
+                   start_step=start_step,
                    n_params=n_params, n_train=n_train, origin=origin, skipped_samples=[])
     t_start, dt_ema, step = time.time(), None, start_step
     while True:
@@ -326,10 +348,12 @@ def train(cfg):
                 training = read_pages(model, tokenizer, train_task, cfg.cer_pages, modes[0], cfg.sample_tokens)
                 summary["cer"].append((step, character_error_rate(heldout), character_error_rate(training),
                                        len(heldout)))
+                summary["cer_by_kind"].append((step, cer_by_kind(heldout, training)))
                 summary["samples"] = heldout[:cfg.sample_count]
+                kinds = "".join(f" | {k} {h:.3f} / {t:.3f} ({n})" for k, (h, t, n) in summary["cer_by_kind"][-1][1].items())
                 print0(f"step {step:05d} | held-out CER {summary['cer'][-1][1]:.3f} ({len(heldout)} pages) | "
-                       f"training CER {summary['cer'][-1][2]:.3f} ({len(training)} pages)")
-                for expected, read in summary["samples"]:
+                       f"training CER {summary['cer'][-1][2]:.3f} ({len(training)} pages){kinds}")
+                for expected, read, _ in summary["samples"]:
                     verdict = "EXACT" if read == expected else "differs"
                     print0(f"  {verdict} | expected {expected[:60]!r} | read {read[:60]!r}")
                 wandb_run.log(dict(step=step, heldout_cer=summary["cer"][-1][1], training_cer=summary["cer"][-1][2]))
@@ -469,9 +493,12 @@ def write_report(cfg, summary):
         line_plot({"held-out CER": [(s, h) for s, h, _, _ in summary["cer"]],
                    "training CER": [(s, t) for s, _, t, _ in summary["cer"]]},
                   os.path.join(base_dir(), curve), "step", "character error rate")
-        lines += [f"- held-out CER: {heldout:.3f} ({n} pages)", f"- training CER: {training:.3f} ({n} pages)",
+        lines += [f"- held-out CER: {heldout:.3f} ({n} pages)", f"- training CER: {training:.3f} ({n} pages)"]
+        lines += [f"- held-out CER on {kind} pages: {h:.3f} ({k} pages); training CER {t:.3f}"
+                  for kind, (h, t, k) in summary["cer_by_kind"][-1][1].items()]
+        lines += [
                   "- CER at each eval (step: held-out / training): " +
                   ", ".join(f"{s}: {h:.3f} / {t:.3f}" for s, h, t, _ in summary["cer"]),
                   f"![character error rate]({curve})"]
-        lines += [f"- held-out page: expected `{e[:80]!r}` / read `{r[:80]!r}`" for e, r in summary["samples"]]
+        lines += [f"- held-out page: expected `{e[:80]!r}` / read `{r[:80]!r}`" for e, r, _ in summary["samples"]]
     append_report(f"Training {cfg.stage} ({cfg.tag()})", lines)

@@ -59,9 +59,11 @@ def mixture(data, split, seed, num_samples=None, text_fraction=0.0, max_samples=
     if data in ("reading", "synthetic"):
         seed_pages = seed if split == "train" else seed + 1  # validation pages differ from the training pages
         count = num_samples or synthetic["num_samples"]
-        pages = SyntheticReading(count, seed_pages) if data == "reading" else \
-            SyntheticPages(**dict(synthetic, num_samples=count, seed=seed_pages))
-        tasks = [(pages, 1.0)]
+        if data == "reading":
+            tasks = [(SyntheticReading(count, seed_pages, kind=kind), w) for kind, w in synthetic.get("reading", [("grid", 1)])]
+        else:
+            pages = {k: v for k, v in synthetic.items() if k != "reading"}
+            tasks = [(SyntheticPages(**dict(pages, num_samples=count, seed=seed_pages)), 1.0)]
         text = SyntheticChat(count, seed_pages)
     elif data == "real":
         tasks = [(split_of(cls, split, max_samples or None), w) for cls, w in VISION_TASKS]

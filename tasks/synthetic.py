@@ -310,21 +310,47 @@ def render_reading(rng, size=512):
     return image, "\n".join(lines)
 
 
+def render_type(rng, size=512, lines=3):
+    """Ordinary type: `lines` lines of random letter strings and numbers (about 15 characters each) in DejaVu Sans or
+    Serif at 44-60 px, a left margin of 8-40 px, lines 1.6-2.2 font sizes apart: proportional glyphs wherever they
+    fall, about two characters to a cell of the Tiny mode's feature grid."""
+    px = rng.randint(44, 60)
+    fnt = font(px, rng.choice(("sans", "serif")))
+    margin, pitch = rng.randint(8, 40), rng.uniform(1.6, 2.2) * px
+    top = rng.randint(8, max(8, int(size - pitch * (lines - 1) - 1.3 * px)))
+    text = []
+    for _ in range(lines):
+        line = " ".join(reading_lines(rng, lines=1, width=rng.randint(13, 17), min_chars=1))
+        while fnt.getlength(line) > size - margin - 4:  # a line always fits the page
+            line = line.rsplit(" ", 1)[0] if " " in line else line[:-1]
+        text.append(line)
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for i, line in enumerate(text):
+        draw.text((margin, top + pitch * i), line, font=fnt, fill=(0, 0, 0))
+    return image, "\n".join(text)
+
+
+READING_KINDS = {"grid": render_reading, "type": render_type}
+
+
 class SyntheticReading(Task):
     """
-    Pages of plain text lines (render_reading), made on the fly where they are loaded and never stored: a stream
-    too large to memorise. (seed, index) fixes each page, so another seed is a held-out set.
+    Pages of plain text lines made on the fly where they are loaded and never stored: a stream too large to
+    memorise. kind: "grid" (render_reading: one character per feature cell) or "type" (render_type: ordinary type).
+    (seed, index) fixes each page, so another seed is a held-out set.
     """
-    def __init__(self, num_samples=1_000_000, seed=0, size=512, **kwargs):
+    def __init__(self, num_samples=1_000_000, seed=0, size=512, kind="grid", **kwargs):
         super().__init__(**kwargs)
-        self.num_samples, self.seed, self.size = num_samples, seed, size
+        self.num_samples, self.seed, self.size, self.kind = num_samples, seed, size, kind
 
     def num_examples(self):
         return self.num_samples
 
     def get_example(self, index):
-        image, text = render_reading(random.Random(f"reading-{self.seed}-{index}"), self.size)
-        return dict(text=f"<image>\n{FREE_OCR}", response=text, image=image)
+        rng = random.Random(f"reading-{self.seed}-{index}" if self.kind == "grid" else f"{self.kind}-{self.seed}-{index}")
+        image, text = READING_KINDS[self.kind](rng, self.size)
+        return dict(text=f"<image>\n{FREE_OCR}", response=text, image=image, kind=self.kind)
 
 
 def corpus(num_docs=2000, seed=0):
