@@ -23,13 +23,13 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file, load_file
 
-from common import UserError, print0
+from common import UserError, print0, warn0
 from config import base_dir, tokenizer_dir
 from deepencoder.clip_sdpa import CLIPConfig
 from deepencoder.encoder import tiny_encoder_configs
 from deepencoder.load_pretrained import load_sam, load_clip, load_deepseek_ocr_encoder
 from deepencoder.sam_vary_sdpa import SAMConfig
-from gpt import GPT, GPTConfig, gpt_config_for_depth
+from gpt import GENERATIONS, GPT, GPTConfig, gpt_config_for_depth
 from hub import hub_list_files, hub_file
 from nano_deepseek_ocr import NanoDeepseekOCRConfig, build_model
 from tokenizer import RustBPETokenizer
@@ -83,6 +83,8 @@ def save_checkpoint(out_dir, step, model, tokenizer, meta, optimizers=(), loader
         tokenizer.save(tmp)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(dict(meta, step=step, model_config=model.config.to_dict()), f, indent=2)
+        # safetensors writes its file 0600: give it the permissions every other file here gets
+        os.chmod(os.path.join(tmp, "model.safetensors"), os.stat(os.path.join(tmp, "meta.json")).st_mode & 0o777)
     barrier()
     torch.save(dict(optimizers=[o.state_dict() for o in optimizers], loader=loader_state, rng=rng_state()),
                os.path.join(tmp, f"rank{rank:03d}.pt"))
@@ -106,7 +108,7 @@ def verify_checkpoint(checkpoint):
     A checkpoint written before manifests existed passes with a warning."""
     manifest = os.path.join(checkpoint, MANIFEST)
     if not os.path.exists(manifest):
-        print0(f"warning: {checkpoint} has no {MANIFEST} (written before checksums existed): not verified")
+        warn0(f"warning: {checkpoint} has no {MANIFEST} (written before checksums existed): not verified")
         return
     try:
         with open(manifest) as f:
@@ -161,7 +163,7 @@ def resolve_checkpoint(path=None, step=None):
             verify_checkpoint(checkpoint)
             return checkpoint
         except CheckpointError as e:
-            print0(f"skipping {os.path.basename(checkpoint)}: {e}")
+            warn0(f"skipping {os.path.basename(checkpoint)}: {e}")
     raise CheckpointError(f"{path}: none of its {len(found)} checkpoints verifies")
 
 
@@ -223,11 +225,39 @@ def pick_nanochat_files(paths, step=None):
     return model, meta, tokenizers[0]
 
 
+NANOCHAT_CONFIG_KEYS = {"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern"}
+PARTS_2026 = ("resid_lambdas", "x0_lambdas", "smear_gate.weight", "smear_lambda", "backout_lambda")
+
+
+def nanochat_generation(state, model_config, path):
+    """Which generation of nanochat's GPT wrote this checkpoint, from its state-dict keys and meta: "2025" (none of
+    the 2026 parts) or "2026" (all of them); anything in between is refused by name, never loaded wrong."""
+    unknown = set(model_config) - NANOCHAT_CONFIG_KEYS
+    if unknown:
+        raise CheckpointError(f"{path}: model_config has keys this loader does not know ({sorted(unknown)}): a "
+                              "nanochat newer than the ones it supports (2025 generation up to 2c4473d, 2026 from "
+                              "a825e63); nothing is dropped silently")
+    present = {k: k in state for k in PARTS_2026}
+    present["value_embeds"] = any(k.startswith("value_embeds.") for k in state)
+    found = [k for k, there in present.items() if there]
+    if not found and "window_pattern" not in model_config:
+        return "2025"
+    if all(present.values()):
+        return "2026"
+    missing = [k for k, there in present.items() if not there]
+    raise CheckpointError(
+        f"{path}: a nanochat GPT between the supported generations: it has {found or 'no 2026 parameters'}"
+        f"{' and a window_pattern' if 'window_pattern' in model_config else ''} but not {missing} (nanochat of "
+        "2026-01-11 to 2026-03-13, whose RoPE base, q/k scale and softcap changed without being recorded). Supported: "
+        "the 2025 generation (nanochat up to 2c4473d, 2026-01-11) and the 2026 one (from a825e63, 2026-03-14).")
+
+
 def load_nanochat(source, step=None, device="cpu"):
     """
     Build a GPT from a nanochat base checkpoint: a local directory or an HF repo holding model_XXXXXX.pt,
-    meta_XXXXXX.json and tokenizer.pkl (flat, or nanochat's base_checkpoints/dNN + tokenizer/ layout).
-    Only the chosen files are downloaded. Returns (model, meta dict, directory of tokenizer.pkl).
+    meta_XXXXXX.json and tokenizer.pkl (flat, or nanochat's base_checkpoints/dNN + tokenizer/ layout). Only the chosen
+    files are downloaded. The generation is recognised (see nanochat_generation) and the weights loaded strictly, so
+    the GPT gives the logits nanochat's own code gives. Returns (model, meta dict, directory of tokenizer.pkl).
     """
     if os.path.isdir(source):
         files = glob.glob(os.path.join(source, "**", "*"), recursive=True)
@@ -238,18 +268,22 @@ def load_nanochat(source, step=None, device="cpu"):
         model_path, meta_path, tok_path = (hub_file(source, f, repo_type="model", hint=hint) for f in files)
     with open(meta_path) as f:
         meta = json.load(f)
-    config = GPTConfig(**{k: v for k, v in meta["model_config"].items() if k in GPTConfig.__dataclass_fields__})
     state = torch.load(model_path, map_location=device, weights_only=True)
     state = {k.removeprefix("_orig_mod."): v.float() for k, v in state.items()}  # torch.compile prefix, bf16 -> fp32
+    generation = nanochat_generation(state, meta["model_config"], model_path)
+    config = GPTConfig(**dict(GENERATIONS[generation], **meta["model_config"]))
+    config.pad_vocab_size_to = 1 if state["transformer.wte.weight"].size(0) == config.vocab_size else \
+        GENERATIONS["2026"]["pad_vocab_size_to"]  # nanochat pads to 64 since 2025-12-09
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()  # rotary tables
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"nanochat checkpoint {model_path} does not match this GPT (newer nanochat adds value "
-                           f"embeddings and smearing, which are not supported): missing {missing}, "
-                           f"unexpected {unexpected}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{model_path}: does not match nanochat's {generation} GPT of its meta: "
+                              f"{' '.join(str(e).split())[:500]}") from None
+    print0(f"nanochat GPT of the {generation} generation from {model_path}")
     return model, meta, os.path.dirname(tok_path)
 
 
@@ -261,11 +295,16 @@ def new_model(cfg, device):
     nanochat = load_nanochat(cfg.init_gpt, step) if cfg.init_gpt else None
     tokenizer = RustBPETokenizer.from_directory(cfg.tokenizer or (nanochat[2] if nanochat else tokenizer_dir()))
     sam, clip = tiny_encoder_configs() if cfg.encoder == "tiny" else (SAMConfig(), CLIPConfig())
-    if nanochat:
+    if nanochat:  # its sequence_len stays: the windows it trained with follow from it
         gpt_config = nanochat[0].config
-        gpt_config.sequence_len = max(gpt_config.sequence_len, cfg.seq_len)
+        if cfg.seq_len > nanochat[0].rotary_seq_len:
+            raise UserError(f"--seq_len={cfg.seq_len} is beyond the rotary tables of {cfg.init_gpt} "
+                            f"({nanochat[0].rotary_seq_len} positions, ten times its sequence_len)")
     else:
-        gpt_config = gpt_config_for_depth(cfg.depth, max(tokenizer.get_vocab_size(), cfg.vocab_size), cfg.seq_len)
+        if cfg.gpt_generation not in GENERATIONS:
+            raise UserError(f"--gpt_generation must be one of {list(GENERATIONS)}, got {cfg.gpt_generation!r}")
+        gpt_config = gpt_config_for_depth(cfg.depth, max(tokenizer.get_vocab_size(), cfg.vocab_size), cfg.seq_len,
+                                          cfg.gpt_generation)
     model = build_model(NanoDeepseekOCRConfig(sam, clip, gpt_config, tokenizer.image_token_id), device)
     if nanochat:
         model.gpt.load_state_dict(nanochat[0].state_dict())

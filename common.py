@@ -9,6 +9,8 @@ import io
 import os
 import sys
 import textwrap
+import threading
+import time
 import tokenize
 from contextlib import contextmanager, nullcontext
 from functools import lru_cache
@@ -48,6 +50,11 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def warn0(*args):
+    """A warning or a problem, from rank 0, on stderr (stdout is for results: page text, logs, tables)."""
+    print0(*args, file=sys.stderr)
+
+
 def autodetect_device_type():
     if torch.cuda.is_available():
         return "cuda"
@@ -68,9 +75,30 @@ def compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def exit_with_launcher():
+    """Under torchrun, stop this rank when its launcher dies: kill -9 of torchrun would leave the ranks running
+    orphaned until the end. A daemon thread watches for the parent process to change."""
+    launcher = os.getppid()
+
+    def watch():
+        while os.getppid() == launcher:
+            time.sleep(1)
+        print(f"rank {get_dist_info()[1]}: its launcher (pid {launcher}) is gone; stopping (the checkpoints written so "
+              "far are whole)", file=sys.stderr, flush=True)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="exit-with-launcher").start()
+
+
 def compute_init(device_type=None):
     """Seed, pick the device, and join the process group when launched by torchrun (NCCL on GPU, gloo on CPU)."""
     device_type = device_type or autodetect_device_type()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device_type=cuda: this torch has no CUDA device (torch {torch.__version__}); "
+                        "leave --device_type out to train on what there is")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device_type=mps: MPS is not available here")
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise UserError(f"--device_type must be cuda, cpu or mps, got {device_type!r}")
     torch.manual_seed(42)
     ddp, rank, local_rank, world_size = get_dist_info()
     if device_type == "cuda":
@@ -80,6 +108,8 @@ def compute_init(device_type=None):
         torch.cuda.set_device(device)
     else:
         device = torch.device(device_type)
+    if ddp:
+        exit_with_launcher()
     if ddp and not dist.is_initialized():
         cuda = device_type == "cuda"
         dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)

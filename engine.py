@@ -22,9 +22,12 @@ from tqdm import tqdm
 
 from checkpoint import load_model, resolve_checkpoint
 from common import autodetect_device_type
-from config import IMAGE_TOKEN
+from config import IMAGE_TOKEN, MODES
 from gpt import KVCache
-from image_process import DeepseekOCRProcessor, ImageError
+from image_process import DeepseekOCRProcessor, ImageError, max_image_slots
+
+
+PROMPT_TEXT_TOKENS = 256  # room for a prompt's text beside its image slots when the cache is sized
 
 
 class Engine:
@@ -38,7 +41,7 @@ class Engine:
         self.autocast = torch.autocast("cuda", torch.bfloat16, cache_enabled=False) if cuda else nullcontext()
         # decode attends with a fixed-shape mask: a fused kernel that takes masks, not one planned per shape
         self.kernels = sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) if cuda else nullcontext()
-        self.cache = self.graph = None
+        self.cache = self.graph = self.setup_key = None
 
     # ---- reading pages ---------------------------------------------------------------------------
 
@@ -55,7 +58,9 @@ class Engine:
                 yield key, ids, [item]
         count = len(pages) if isinstance(pages, Sized) else count
         batch = min(self.batch_size, count or self.batch_size)
-        for key, tokens in self.generate_iter(requests(), max_new_tokens, batch_size=batch, **generate_kwargs):
+        prompt_len = max_image_slots(mode) + PROMPT_TEXT_TOKENS  # the cache is sized once, for the mode's largest page
+        for key, tokens in self.generate_iter(requests(), max_new_tokens, batch_size=batch, prompt_len=prompt_len,
+                                              **generate_kwargs):
             yield key, self.tokenizer.decode(tokens)
 
     def read(self, images, prompts, mode="base", max_new_tokens=512, **generate_kwargs):
@@ -74,134 +79,169 @@ class Engine:
                 mine.append(next(images))
             requests.append((i, ids, mine))
         done = dict(self.generate_iter(requests, max_new_tokens, batch_size=min(self.batch_size, len(prompts)),
-                                       **generate_kwargs))
+                                       prompt_len=max(map(len, prompts)), **generate_kwargs))
         return [done[i] for i in range(len(prompts))]
 
     # ---- the batch loop --------------------------------------------------------------------------
 
     @torch.no_grad()
     def generate_iter(self, requests, max_new_tokens, batch_size=None, temperature=0.0, top_k=None, seed=42,
-                      stop_tokens=None, no_repeat_ngram_size=0, ngram_window=90, ngram_whitelist=()):
+                      stop_tokens=None, no_repeat_ngram_size=0, ngram_window=90, ngram_whitelist=(), prompt_len=0):
         """
         requests: iterable of (key, prompt ids, processed images). Yields (key, new token ids without the stop token)
         as each request finishes (a stop token, or max_new_tokens). Greedy unless temperature > 0. The <image> token
         is never generated; with no_repeat_ngram_size n, a token completing an n-gram already generated within the
-        last ngram_window tokens is banned (DeepSeek-OCR's rule; ngram_whitelist tokens are exempt).
+        last ngram_window tokens is banned (DeepSeek-OCR's rule; ngram_whitelist tokens are exempt). prompt_len: the
+        longest prompt expected, so the cache is allocated once (a longer one still fits: the cache grows).
         """
         S = batch_size or self.batch_size
-        dev = self.device
-        stops = torch.tensor(stop_tokens if stop_tokens is not None else [self.tokenizer.stop_token_id], device=dev)
-        whitelist = torch.tensor(list(ngram_whitelist), dtype=torch.long, device=dev)
-        W = max(ngram_window, no_repeat_ngram_size)  # the ngram rule looks at the last W generated tokens
-        # per-slot state on the device: generated tokens and their count, the last W of them, finished flags
-        out = torch.zeros(S, max_new_tokens, dtype=torch.long, device=dev)
-        n_out = torch.zeros(S, dtype=torch.long, device=dev)
-        recent = torch.zeros(S, W, dtype=torch.long, device=dev)
-        done = torch.ones(S, dtype=torch.bool, device=dev)
-        rng = torch.Generator(device=dev).manual_seed(seed)
+        stops = tuple(stop_tokens) if stop_tokens is not None else (self.tokenizer.stop_token_id,)
+        self.setup(S, prompt_len, max_new_tokens, dict(
+            stops=stops, whitelist=tuple(ngram_whitelist), n=no_repeat_ngram_size, W=max(ngram_window, no_repeat_ngram_size),
+            temperature=temperature, top_k=top_k, seed=seed))
         owner = [None] * S  # the request key each slot is working on
         pending = iter(requests)
-
-        def choose(logits, n_out, recent):
-            logits = logits.float()
-            banned = ngram_bans(recent, n_out, no_repeat_ngram_size, whitelist, self.model.image_token_id)
-            logits.scatter_(1, banned, -float("inf"))  # the <image> token is always in `banned`
-            return sample(logits, temperature, top_k, rng)
-
-        def record(rows, token):
-            """Append each row's new token unless the row is finished; a stop token or a full row finishes it."""
-            going = ~done[rows]
-            write = going & ~torch.isin(token, stops)
-            column = n_out[rows].clamp(max=max_new_tokens - 1)
-            out[rows, column] = torch.where(write, token, out[rows, column])
-            n_out[rows] += write
-            done[rows] |= going & ~write | (n_out[rows] >= max_new_tokens)
-            recent[rows] = torch.where(write[:, None], torch.cat([recent[rows, 1:], token[:, None]], 1), recent[rows])
-            return write
-
         while True:
             # admit new requests into the free slots: encode their images, prefill their prompts, first token
             free = [s for s in range(S) if owner[s] is None]
             new = list(itertools.islice(pending, len(free)))
             if new:
-                rows = torch.tensor(free[:len(new)], device=dev)
+                rows = torch.tensor(free[:len(new)], device=self.device)
                 for s, (key, _, _) in zip(free, new):
                     owner[s] = key
-                logits = self.prefill(rows, [r[1] for r in new], [im for r in new for im in r[2]], S, max_new_tokens)
-                n_out[rows], done[rows], recent[rows] = 0, False, 0
-                self.tokens[rows] = choose(logits, n_out[rows], recent[rows])[:, None]
-                record(rows, self.tokens[rows, 0])
+                logits = self.prefill(rows, [r[1] for r in new], [im for r in new for im in r[2]])
+                self.admit(rows, logits)
             if all(o is None for o in owner):
                 return
             # decode sync_every steps without looking: finished rows just stop recording
             for _ in range(self.sync_every):
-                logits = self.decode()
-                token = choose(logits, n_out, recent)
-                self.cache.lengths += record(self.rows, token)
-                self.tokens[:, 0] = token
+                self.step()
             # one look at the batch: hand back the finished requests and free their slots
-            finished = done.cpu().tolist()
-            counts = n_out.cpu().tolist()
+            finished = self.done.cpu().tolist()
+            counts = self.n_out.cpu().tolist()
             for s in range(S):
                 if owner[s] is not None and finished[s]:
-                    yield owner[s], out[s, :counts[s]].tolist()
+                    yield owner[s], self.out[s, :counts[s]].tolist()
                     owner[s] = None
+
+    def setup(self, S, prompt_len, max_new_tokens, settings):
+        """The device state of a generation: the KV cache (allocated once for the longest prompt plus the new tokens;
+        the old one is let go first), each slot's generated tokens, their count, the last W of them, finished flags,
+        next input token, and the sampling generator. A decode graph is kept while none of it changes."""
+        length = -(-(prompt_len + max_new_tokens) // 128) * 128  # whole blocks: a slightly longer prompt still fits
+        if self.cache is None or self.cache.k.size(1) != S or self.cache.k.size(3) < length:
+            self.cache = self.graph = None  # freed before the new one is allocated
+            self.cache = self.new_cache(S, length)
+        key = (S, self.cache.k.size(3), max_new_tokens, tuple(sorted(settings.items())))
+        if key != self.setup_key:
+            self.setup_key, self.settings, self.graph = key, settings, None
+            dev = self.device
+            self.out = torch.zeros(S, max_new_tokens, dtype=torch.long, device=dev)
+            self.n_out = torch.zeros(S, dtype=torch.long, device=dev)
+            self.recent = torch.zeros(S, settings["W"], dtype=torch.long, device=dev)
+            self.stops = torch.tensor(settings["stops"], dtype=torch.long, device=dev)
+            self.whitelist = torch.tensor(settings["whitelist"], dtype=torch.long, device=dev)
+            self.done = torch.ones(S, dtype=torch.bool, device=dev)
+            self.rng = torch.Generator(device=dev)
+        self.done.fill_(True)  # every slot free
+        self.rng.manual_seed(settings["seed"])
+
+    def new_cache(self, S, length):
+        cfg = self.model.gpt.config
+        dtype = torch.bfloat16 if self.device.type == "cuda" else self.model.gpt.lm_head.weight.dtype
+        self.tokens = torch.zeros(S, 1, dtype=torch.long, device=self.device)  # each slot's next input token
+        self.rows = torch.arange(S, device=self.device)
+        return KVCache(cfg.n_layer, S, cfg.n_kv_head, length, cfg.n_embd // cfg.n_head, self.device, dtype, cfg.n_embd)
+
+    def choose(self, logits, n_out, recent):
+        """The next token of each row: the n-gram bans and the <image> ban applied, then greedy or sampled."""
+        s = self.settings
+        banned = ngram_bans(recent, n_out, s["n"], self.whitelist, self.model.image_token_id)
+        logits = logits.float().scatter(1, banned, -float("inf"))  # the <image> token is always in `banned`
+        return sample(logits, s["temperature"], s["top_k"], self.rng)
+
+    def record(self, rows, token):
+        """Append each row's new token unless the row is finished; a stop token or a full row finishes it."""
+        going = ~self.done[rows]
+        write = going & ~torch.isin(token, self.stops)
+        column = self.n_out[rows].clamp(max=self.out.size(1) - 1)
+        self.out[rows, column] = torch.where(write, token, self.out[rows, column])
+        self.n_out[rows] += write
+        self.done[rows] |= going & ~write | (self.n_out[rows] >= self.out.size(1))
+        self.recent[rows] = torch.where(write[:, None], torch.cat([self.recent[rows, 1:], token[:, None]], 1),
+                                        self.recent[rows])
+        return write
+
+    def admit(self, rows, logits):
+        """New requests in `rows`: their slot state reset, their first token chosen and recorded."""
+        self.n_out[rows], self.done[rows], self.recent[rows] = 0, False, 0
+        self.tokens[rows] = self.choose(logits, self.n_out[rows], self.recent[rows])[:, None]
+        self.record(rows, self.tokens[rows, 0])
 
     # ---- model calls -----------------------------------------------------------------------------
 
-    def prefill(self, rows, prompts, images, S, max_new_tokens):
+    def prefill(self, rows, prompts, images):
         """Encode the images and run the prompts (right-padded) into the cache rows `rows`; last-token logits."""
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         T = max(len(p) for p in prompts)
-        self.ensure_cache(S, T + max_new_tokens)
+        if T + self.out.size(1) > self.cache.k.size(3):
+            self.grow_cache(T + self.out.size(1))
         ids = torch.full((len(prompts), T), self.tokenizer.get_bos_token_id(), dtype=torch.long, device=self.device)
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = torch.tensor(p, device=self.device)
         gpt = self.model.gpt
-        with self.autocast, self.cache.prefilling(rows):
-            hidden = gpt.hidden(inputs_embeds=self.model.embed(ids, images), kv_cache=self.cache)
+        with self.autocast, self.cache.prefilling(rows, lengths):
+            hidden = gpt.hidden(ids, self.model.embed(ids, images), kv_cache=self.cache)
             logits = gpt.logits(hidden[torch.arange(len(prompts), device=self.device), lengths - 1])
         self.cache.lengths[rows] = lengths
         return logits
 
-    def ensure_cache(self, S, length):
-        """A cache of S rows that holds `length` positions: made (or grown, keeping what it holds) when needed."""
-        if self.cache is not None and self.cache.k.size(1) == S and self.cache.k.size(3) >= length:
-            return
-        cfg = self.model.gpt.config
-        dtype = torch.bfloat16 if self.device.type == "cuda" else self.model.gpt.lm_head.weight.dtype
-        length = -(-length // 128) * 128  # whole blocks, so a slightly longer page does not regrow it
-        grow = self.cache is not None and self.cache.k.size(1) == S  # rows at work keep their keys and next tokens
-        old, old_tokens = self.cache, getattr(self, "tokens", None)
-        self.cache = KVCache(cfg.n_layer, S, cfg.n_kv_head, length, cfg.n_embd // cfg.n_head, self.device, dtype)
-        self.rows = self.cache.rows
-        self.tokens = torch.zeros(S, 1, dtype=torch.long, device=self.device)  # each slot's next input token
-        if grow:
-            self.cache.k[..., :old.k.size(3), :] = old.k
-            self.cache.v[..., :old.v.size(3), :] = old.v
-            self.cache.lengths.copy_(old.lengths)
-            self.tokens.copy_(old_tokens)
-        self.graph = None
+    def grow_cache(self, length):
+        """A prompt longer than the cache was sized for: the rows at work keep their keys, staged through host memory so
+        the old and the new cache are never both on the device."""
+        old = self.cache
+        keep = [t.cpu() for t in (old.k, old.v, old.lengths, old.previous, self.tokens)]
+        self.cache = self.graph = old = None
+        S = keep[0].size(1)
+        self.cache = self.new_cache(S, -(-length // 128) * 128)
+        self.cache.k[..., :keep[0].size(3), :] = keep[0].to(self.device)
+        self.cache.v[..., :keep[1].size(3), :] = keep[1].to(self.device)
+        for target, saved in zip((self.cache.lengths, self.cache.previous, self.tokens), keep[2:]):
+            target.copy_(saved)
 
-    def decode_forward(self):
+    def decode_step(self):
+        """One token for every slot, all on the device: the forward at each row's position, the choice, the record.
+        Every row attends over the whole preallocated length under its mask (a split-KV decode would read only each
+        row's own keys: the later fix when long pages make the cache long)."""
         with self.autocast, self.kernels:
-            return self.model.gpt.logits(self.model.gpt.hidden(idx=self.tokens, kv_cache=self.cache)[:, -1])
+            logits = self.model.gpt.logits(self.model.gpt.hidden(self.tokens, kv_cache=self.cache)[:, -1])
+        token = self.choose(logits, self.n_out, self.recent)
+        self.cache.lengths += self.record(self.rows, token)
+        self.tokens[:, 0] = token
 
-    def decode(self):
-        """Logits for every slot's next token, from self.tokens at each row's position (one graph replay on CUDA)."""
+    def step(self):
+        """decode_step, as one CUDA graph replay on a GPU: captured once per setup, the sampling generator registered."""
         if not self.cuda_graph:
-            return self.decode_forward()
+            return self.decode_step()
         if self.graph is None:
+            state = [t.clone() for t in (self.out, self.n_out, self.recent, self.done, self.tokens, self.cache.lengths,
+                                         self.cache.previous)]
+            rng_state = self.rng.get_state()
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # warm up outside the graph; re-inserting the same keys changes nothing
-                self.decode_forward()
+            with torch.cuda.stream(side):  # warm up outside the graph, then undo what the warm-up step did
+                self.decode_step()
             torch.cuda.current_stream(self.device).wait_stream(side)
+            for t, saved in zip((self.out, self.n_out, self.recent, self.done, self.tokens, self.cache.lengths,
+                                 self.cache.previous), state):
+                t.copy_(saved)
+            self.rng.set_state(rng_state)
             self.graph = torch.cuda.CUDAGraph()
+            if self.settings["temperature"] > 0:  # sampling draws inside the graph from this generator
+                self.graph.register_generator_state(self.rng)
             with torch.cuda.graph(self.graph):
-                self.graph_logits = self.decode_forward()
+                self.decode_step()
         self.graph.replay()
-        return self.graph_logits
 
 
 def ngram_bans(recent, n_generated, n, whitelist, always_banned):
@@ -247,6 +287,20 @@ def positive_int(value):
     return int(value)
 
 
+def modes_arg(text):
+    """--modes: comma-separated modes, checked before anything loads."""
+    modes = [m for m in text.split(",") if m]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"unknown modes {unknown or [text]}; modes are {','.join(MODES)}")
+    return modes
+
+
+def trained_modes(meta):
+    """The modes a checkpoint learned to read in (older checkpoints: those of their last training run)."""
+    return meta.get("trained_modes") or meta.get("train_config", {}).get("modes", "base").split(",")
+
+
 def add_reader_args(parser, max_tokens):
     parser.add_argument("--checkpoint", default=None, help="checkpoint or run directory (default: the most recent run)")
     parser.add_argument("--model_step", type=int, default=None, help="which step of the run (default: the last)")
@@ -277,8 +331,10 @@ def read_with_progress(engine, pages, mode, max_new_tokens, failed, desc="pages"
         yield key, images.pop(key), text
 
 
-def load_engine(args):
-    """(Engine, checkpoint meta, checkpoint path) from add_reader_args' options; a bad choice exits with the reason."""
+def load_engine(args, modes=None):
+    """(Engine, checkpoint meta, checkpoint path, modes) from add_reader_args' options; a bad choice exits with the
+    reason. modes: those asked for, or None for the checkpoint's own; one it never trained on is warned about, and the
+    stderr line that names the checkpoint names the modes it reads in."""
     device = torch.device(args.device or autodetect_device_type())
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: this torch has no CUDA device (torch {torch.__version__})")
@@ -291,4 +347,14 @@ def load_engine(args):
     model, tokenizer, meta = load_model(checkpoint, device)
     if device.type == "cuda":
         model = model.to(torch.bfloat16)  # inference only: bf16 weights halve what every decode step reads
-    return Engine(model.eval(), tokenizer, batch_size=args.batch_size), meta, checkpoint
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # what fp32 work remains
+    trained = trained_modes(meta)
+    modes = modes or trained[:1]
+    learned = ", ".join(meta.get("trained_on", [])) or "its training data"
+    print(f"{checkpoint} (step {meta['step']}, trained on {learned} in {'/'.join(trained)} mode): reading in "
+          f"{'/'.join(modes)} mode", file=sys.stderr)
+    for mode in modes:
+        if mode not in trained:
+            print(f"warning: this checkpoint never trained in {mode} mode (only {'/'.join(trained)}): expect little "
+                  f"or nothing to be read; leave out the mode to read in {trained[0]}", file=sys.stderr)
+    return Engine(model.eval(), tokenizer, batch_size=args.batch_size), meta, checkpoint, modes

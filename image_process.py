@@ -14,6 +14,8 @@ from PIL import Image, ImageOps
 from config import (MODES, PATCH_SIZE, COMPRESSION, PAD_COLOR, IMAGE_MEAN, IMAGE_STD, MIN_CROPS, MAX_CROPS,
                     MAX_IMAGE_PIXELS)
 
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # Pillow's own bomb check (89.5M by default) uses our limit too
+
 
 class ImageError(ValueError):
     """An image that cannot be used, with the file and the reason in the message."""
@@ -77,6 +79,13 @@ def num_image_slots(width, height, mode="base", min_crops=MIN_CROPS, max_crops=M
     return slot_count(query_grid(spec["base_size"]), tiles, query_grid(spec["image_size"]))
 
 
+def max_image_slots(mode, min_crops=MIN_CROPS, max_crops=MAX_CROPS):
+    """The most <image> slots any one image takes in `mode` (Gundam: its largest tile grid), to size caches once."""
+    spec = MODES[mode]
+    grids = candidate_grids(min_crops, max_crops) if spec["crop"] else [(1, 1)]
+    return max(slot_count(query_grid(spec["base_size"]), grid, query_grid(spec["image_size"])) for grid in grids)
+
+
 def to_rgb(image, name="<image>"):
     """Any PIL mode -> RGB: 16-bit and float are rescaled (not clipped), transparency is put on white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -122,9 +131,9 @@ def upright_rgb(image, name):
     return to_rgb(image, name)
 
 
-def load_image(source, name=None):
-    """Open, check and decode an image file (a path, or the file's bytes) into an RGB PIL image; any problem raises
-    ImageError naming the file."""
+def load_image(source, name=None, frame=0):
+    """Open, check and decode an image file (a path, or the file's bytes) into an RGB PIL image, its `frame`-th frame
+    for a multi-page file; any problem raises ImageError naming the file."""
     name = name or (source if isinstance(source, str) else "<image>")
     if isinstance(source, str) and not os.path.exists(source):
         raise ImageError(f"{source}: no such file")
@@ -132,6 +141,7 @@ def load_image(source, name=None):
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(source if isinstance(source, str) else io.BytesIO(source))
+            image.seek(frame)
             check_size(image, name)
             image.load()
     except ImageError:
@@ -140,7 +150,17 @@ def load_image(source, name=None):
         raise ImageError(f"{name}: refused as a decompression bomb ({e})") from e
     except Exception as e:  # UnidentifiedImageError, truncated data, bad headers...
         raise ImageError(f"{name}: cannot read image ({type(e).__name__}: {e})") from e
-    return upright_rgb(image, name)
+    return upright_rgb(image, f"{name} page {frame + 1}" if frame else name)
+
+
+def frame_count(path):
+    """How many frames (pages) an image file holds: a multi-page TIFF or an animated GIF has several. A file that
+    cannot be opened counts 1: loading it names the problem."""
+    try:
+        with Image.open(path) as image:
+            return getattr(image, "n_frames", 1)
+    except Exception:
+        return 1
 
 
 def prepare_image(image, name=None):

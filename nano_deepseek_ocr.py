@@ -14,7 +14,7 @@ import torch.nn as nn
 from deepencoder.clip_sdpa import CLIPConfig
 from deepencoder.encoder import DeepEncoder
 from deepencoder.sam_vary_sdpa import SAMConfig
-from gpt import GPT, GPTConfig, document_mask
+from gpt import GENERATIONS, GPT, GPTConfig
 from image_process import normalize
 
 
@@ -44,6 +44,11 @@ class NanoDeepseekOCR(nn.Module):
         self.view_seperator = nn.Parameter(torch.empty(n_embd))  # sic: DeepSeek-OCR's checkpoint spelling
         self.gpt = GPT(config.gpt)
         self.image_token_id = config.image_token_id
+
+    def gpt_generation(self):
+        """Which of nanochat's GPT generations this model's GPT is (gpt.GENERATIONS)."""
+        return next(g for g, fields in sorted(GENERATIONS.items(), reverse=True)
+                    if all(getattr(self.config.gpt, k) == v for k, v in fields.items()))
 
     def init_weights(self):
         self.encoder.init_weights()
@@ -105,9 +110,8 @@ class NanoDeepseekOCR(nn.Module):
 
     def forward(self, input_ids, targets=None, images=None, loss_reduction="mean", doc_ids=None, positions=None):
         """Packed rows carry doc_ids and positions (see dataloader.pack): attention then stays inside each sample."""
-        mask = None if doc_ids is None else document_mask(doc_ids)
-        return self.gpt(inputs_embeds=self.embed(input_ids, images), targets=targets, loss_reduction=loss_reduction,
-                        positions=positions, attn_mask=mask)
+        return self.gpt(input_ids, targets, inputs_embeds=self.embed(input_ids, images), loss_reduction=loss_reduction,
+                        positions=positions, doc_ids=doc_ids)
 
     # ---- optimizers and FLOPs --------------------------------------------------------------------
 

@@ -14,30 +14,43 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 # 1.4 s on 2 cores) rather than stalling (3.5 s)
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
+NGPU=$( (nvidia-smi -L 2>/dev/null || true) | grep -c GPU || true)
+SCALE="${SCALE:-$([ "$NGPU" -gt 0 ] && echo full || echo demo)}"
+if [ "$SCALE" = "full" ] && [ "$NGPU" -eq 0 ]; then  # before anything is set up or downloaded
+  echo "SCALE=full trains on 1 to 8 NVIDIA GPUs per node, and nvidia-smi finds none here: run SCALE=demo" >&2
+  exit 1
+fi
+
 # ---- environment: a local venv with the pinned torch ----
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q -e .
 source .venv/bin/activate
-
-NGPU=$( (nvidia-smi -L 2>/dev/null || true) | grep -c GPU || true)
-SCALE="${SCALE:-$([ "$NGPU" -gt 0 ] && echo full || echo demo)}"
 mkdir -p "$NANO_DEEPSEEK_OCR_DIR"
 REPORT="$NANO_DEEPSEEK_OCR_DIR/report.md"
 printf "# nano-deepseek-ocr speedrun report\n\n- date: %s\n- scale: %s, GPUs: %s\n- commit: %s\n" \
   "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$SCALE" "$NGPU" "$(git rev-parse --short HEAD 2>/dev/null || echo none)" > "$REPORT"
 START=$(date +%s)
 echo "speedrun: scale=$SCALE, $NGPU GPU(s), base dir $NANO_DEEPSEEK_OCR_DIR"
+PHASE=0
+phase() {  # a banner per phase: which one of how many, and the time so far
+  PHASE=$((PHASE + 1))
+  echo "===== speedrun [$PHASE/$1] $2 ($(( ($(date +%s) - START) / 60 )) min $(( ($(date +%s) - START) % 60 )) s so far)"
+}
 
 if [ "$SCALE" = "demo" ]; then
   # reading pages are made on the fly in the training process: no loader workers to compete for the cores
   DEMO="--encoder=tiny --depth=4 --model_tag=demo --modes=tiny --data=reading --num_synthetic=1000000 --seq_len=512 \
         --device_batch_size=4 --num_workers=0 --eval_batches=2 --cer_pages=50 --sample_count=3 --vision_lr=1e-4"
+  phase 4 "tokenizer"
   python -m scripts.tok_train --vocab_size=2048
   # from random initialisation on pages whose text has no prior to learn (README: the recipe)
+  phase 4 "stage 1: everything trains"
   python -m scripts.vis_tok_train $DEMO --init_encoder=random --num_iterations=300 --warmup_steps=30 \
          --eval_every=100 --save_every=100
+  phase 4 "stage 2: SAM frozen"
   python -m scripts.vis_mid_train $DEMO --num_iterations=100 --step_milestones=0.75 --eval_every=100 --save_every=100
-  python -m scripts.vision_sample --mode=tiny --max_tokens=128
+  phase 4 "vision_sample"
+  python -m scripts.vision_sample --max_tokens=128
 elif [ "$SCALE" = "full" ]; then
   NANOCHAT_GPT="${NANOCHAT_GPT:-sampathchanda/nanochat-d20}"   # a nanochat base checkpoint: local dir or HF repo
   MAX_SAMPLES="${MAX_SAMPLES:-0}"                               # per dataset; 0 = everything
@@ -45,16 +58,23 @@ elif [ "$SCALE" = "full" ]; then
   TORCHRUN="torchrun --standalone --nproc_per_node=$NGPU"
   COMMON="--init_gpt=$NANOCHAT_GPT --model_tag=full --data=real --max_samples=$MAX_SAMPLES --modes=base --run=$RUN \
           --activation_checkpointing=true --device_batch_size=2 --num_workers=12"
+  phase 7 "data"
   python -m scripts.prepare_data --max_samples="$MAX_SAMPLES"
   # batches in tokens: rows of seq_len packed with whole samples (about 40 and 20 Base pages per GPU and step)
+  phase 7 "stage 1: everything trains"
   $TORCHRUN -m scripts.vis_tok_train $COMMON --seq_len=4096 --total_batch_size=$((NGPU * 4 * 2 * 4096)) \
             --num_iterations=4000 --eval_every=500
+  phase 7 "stage 2: SAM frozen"
   $TORCHRUN -m scripts.vis_mid_train $COMMON --seq_len=8192 --total_batch_size=$((NGPU * 2 * 8192)) \
             --num_iterations=2000 --eval_every=500
+  phase 7 "vision_sample"
   python -m scripts.vision_sample --mode=base
+  phase 7 "Fox"
   python -m scripts.eval_fox --modes=tiny,small
+  phase 7 "OmniDocBench"
   python -m scripts.eval_omnidocbench --mode=base --max_pages="${OMNIDOC_PAGES:-200}"
-  python -m scripts.eval_compression --pages=200
+  phase 7 "compression study"
+  python -m scripts.eval_compression --pages=200 --modes=tiny,small,base
 else
   echo "SCALE must be demo or full, got $SCALE" >&2
   exit 1

@@ -15,13 +15,14 @@ import torch.nn.functional as F
 
 from checkpoint import (save_checkpoint, resolve_checkpoint, list_checkpoints, load_model, load_training_state,
                         set_rng_state, new_model)
-from common import (compute_init, compute_cleanup, print0, DummyWandb, append_report, autocast_context, line_plot,
-                    UserError)
-from config import base_dir, checkpoint_dir, MODES
+from common import (compute_init, compute_cleanup, print0, warn0, DummyWandb, append_report, autocast_context,
+                    line_plot, UserError)
+from config import base_dir, checkpoint_dir, tokenizer_dir, MODES
 from dataloader import VisionDataLoader, sample_image
 from engine import Engine
 from image_process import DeepseekOCRProcessor, ImageError, load_image
 from metrics import normalized_edit_distance
+from nano_deepseek_ocr import NanoDeepseekOCR
 from tasks.mixture import mixture
 from tasks.synthetic import READING_KINDS, SyntheticPages
 
@@ -37,6 +38,7 @@ class TrainConfig:
     depth: int = 20                        # GPT depth when it starts from scratch (width = 64 * depth)
     encoder: str = "full"                  # full (SAM-B + CLIP-L) | tiny (CPU demo and tests)
     init_gpt: str = ""                     # nanochat checkpoint directory or HF repo; empty = from scratch
+    gpt_generation: str = "2025"           # from scratch: nanochat's 2025 GPT or its 2026 one (gpt.GENERATIONS)
     init_gpt_step: int = -1                # its step; -1 = the last
     init_encoder: str = "sam+clip"         # sam+clip | deepseek | random
     sam_source: str = "facebook/sam-vit-base"
@@ -61,7 +63,7 @@ class TrainConfig:
     seq_len: int = 4096
     device_batch_size: int = 4             # rows of seq_len tokens per micro-batch, whole samples packed into each
     total_batch_size: int = 0              # tokens per optimizer step; 0 = device_batch_size x seq_len x ranks
-    num_workers: int = 4
+    num_workers: int = min(4, os.cpu_count() or 1)  # loader processes: no more than the cores
     # optimisation
     num_iterations: int = 1000
     optimizer: str = "muon"                # muon (Muon for GPT matrices + AdamW) | adamw (everywhere, at adamw_lr)
@@ -190,6 +192,22 @@ def evaluate(model, cfg, val_task, tokenizer, rank, world_size, autocast):
     return dict(val_loss=own, gap_blank=blank - own, gap_other=other - own)
 
 
+def collapse_watch_views(n, processor):
+    """The views of n fixed distinct synthetic pages for the collapse watch (None when n is 0: no watch). A page file
+    damaged on disk is named and rendered again."""
+    if n == 0:
+        return None
+    pages, views = SyntheticPages(n, seed=12345, sizes=(768, 1024)), []
+    for i in range(len(pages)):
+        try:
+            image = load_image(pages[i]["image_path"])
+        except ImageError as e:
+            warn0(f"collapse watch: {e}; rendering it again")
+            image = load_image(pages.render(i)["image_path"])
+        views.append(processor.process_image(image)["pixel_values"])
+    return torch.stack(views)
+
+
 @torch.no_grad()
 def encoder_collapse(model, views, autocast):
     """Mean pairwise cosine similarity of the encoder outputs of distinct images: near 1, every page looks alike."""
@@ -200,6 +218,18 @@ def encoder_collapse(model, views, autocast):
     sim = F.normalize(features, dim=-1) @ F.normalize(features, dim=-1).T
     n = sim.size(0)
     return ((sim.sum() - sim.diagonal().sum()) / (n * (n - 1))).item()
+
+
+def reading_copy(model):
+    """What an eval reads pages with: on CUDA an uncompiled bf16 copy, made once per eval (the compiled fp32 training
+    model would re-cast every weight at every decode step, and compile its encoder once more for no_grad)."""
+    if model.image_newline.device.type != "cuda":
+        return model
+    with torch.device("meta"):
+        copy = NanoDeepseekOCR(model.config)
+    copy.load_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, assign=True)
+    copy.gpt.cos, copy.gpt.sin = copy.gpt._precompute_rotary_embeddings(copy.gpt.rotary_seq_len)  # not in the state
+    return copy.eval()
 
 
 def read_pages(model, tokenizer, task, n, mode, max_tokens):
@@ -215,7 +245,7 @@ def read_pages(model, tokenizer, task, n, mode, max_tokens):
         try:
             pages.append((i, sample_image(sample), sample["text"], sample["response"], sample.get("kind", "")))
         except ImageError as e:
-            print0(f"  sample {i}: skipped, {e}")
+            warn0(f"  sample {i}: skipped, {e}")
     # reading past twice the longest answer only adds errors: a cap keeps an untrained model's eval short
     max_tokens = min(max_tokens, 2 * max([len(tokenizer.encode(p[3])) for p in pages] + [0]) + 8)
     model.eval()
@@ -238,14 +268,27 @@ def cer_by_kind(heldout, training):
             for k in kinds}
 
 
+def trained_on(cfg, init_meta):
+    """What a checkpoint has been trained on, this run and the ones before it: its modes and kinds of page (readers
+    default to its modes, reports say what it learned)."""
+    if cfg.data == "reading":
+        data = f"reading pages ({', '.join(k for k, _ in reading_kinds(cfg.reading))})"
+    else:
+        data = f"synthetic pages ({cfg.synthetic_kinds})" if cfg.data == "synthetic" else "the nine datasets"
+    data += f" + {cfg.text_fraction:.0%} text" if cfg.text_fraction else ""
+    modes = list(dict.fromkeys(init_meta.get("trained_modes", []) + cfg.modes.split(",")))
+    return dict(trained_modes=modes, trained_on=list(dict.fromkeys(init_meta.get("trained_on", []) + [data])))
+
+
 def configure_model(model, cfg, device):
     """What the stage's config sets on a built model: SAM frozen or not, activation checkpointing, compilation."""
     if cfg.freeze_sam:
         model.encoder.freeze_sam()
     model.encoder.set_activation_checkpointing(cfg.activation_checkpointing)
     if cfg.compile and device.type == "cuda":  # in place: parameter names stay as they are in checkpoints
-        model.encoder.compile()
-        model.gpt.compile()
+        for part in (model.encoder, model.gpt):
+            if part._compiled_call_impl is None:  # once: a second compile() would start over
+                part.compile()
 
 
 def ranks_in_sync(model):
@@ -259,7 +302,29 @@ def ranks_in_sync(model):
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-def train(cfg):
+def check_config(cfg):
+    """The ordinary mistakes, each one line before anything slow: bad modes or page kinds, a collapse watch of one
+    page, --resume with nothing to resume, a new model without a tokenizer."""
+    unknown = [m for m in cfg.modes.split(",") if m not in MODES]
+    if unknown:
+        raise UserError(f"--modes: unknown modes {unknown}; modes are {','.join(MODES)}")
+    reading_kinds(cfg.reading)
+    if cfg.collapse_images == 1 or cfg.collapse_images < 0:
+        raise UserError("--collapse_images compares pages pairwise: 2 or more, or 0 for no collapse watch")
+    if cfg.resume and not list_checkpoints(checkpoint_dir(cfg.stage, cfg.tag())):
+        raise UserError(f"--resume: no checkpoint in {checkpoint_dir(cfg.stage, cfg.tag())} to resume from "
+                        f"(start without --resume, or check --model_tag={cfg.tag()})")
+    if not (cfg.resume or cfg.init_from or cfg.init_gpt):
+        tokenizer = cfg.tokenizer or tokenizer_dir()
+        if not os.path.exists(os.path.join(tokenizer, "tokenizer.pkl")):
+            raise UserError(f"no tokenizer at {tokenizer}: train one first (`python -m scripts.tok_train`), or pass "
+                            "--tokenizer DIR or --init_gpt with a nanochat checkpoint")
+
+
+def train(cfg, prebuilt=None):
+    """One training run of cfg. prebuilt: (model, tokenizer) to train instead of building one (gpu_check's single
+    compiled model)."""
+    check_config(cfg)
     ddp, rank, local_rank, world_size, device = compute_init(cfg.device_type or None)
     master = rank == 0
     torch.manual_seed(cfg.seed)
@@ -271,20 +336,23 @@ def train(cfg):
         wandb_run = wandb.init(project="nano-deepseek-ocr", name=cfg.run, config=asdict(cfg))
 
     # ---- model and tokenizer: new from the init sources, from a checkpoint of ours, or resumed ----
-    start_step, state = 0, None
-    if cfg.resume:
+    start_step, state, init_meta = 0, None, {}
+    if prebuilt:
+        model, tokenizer = prebuilt
+        origin = "a model built by the caller"
+    elif cfg.resume:
         ckpt = resolve_checkpoint(out_dir)
-        model, tokenizer, meta = load_model(ckpt, device)
-        start_step, state = meta["step"], load_training_state(ckpt, rank)
+        model, tokenizer, init_meta = load_model(ckpt, device)
+        start_step, state = init_meta["step"], load_training_state(ckpt, rank)
         origin = f"resumed from {ckpt} (step {start_step})"
     elif cfg.init_from:
         ckpt = resolve_checkpoint(cfg.init_from)
-        model, tokenizer, _ = load_model(ckpt, device)
+        model, tokenizer, init_meta = load_model(ckpt, device)
         origin = f"started from {ckpt}"
     else:
         model, tokenizer = new_model(cfg, device)
-        origin = (f"new: GPT {'from ' + cfg.init_gpt if cfg.init_gpt else f'd{cfg.depth} from scratch'}, "
-                  f"encoder {cfg.init_encoder}")
+        origin = (f"new: GPT {'from ' + cfg.init_gpt if cfg.init_gpt else f'd{cfg.depth} from scratch'} "
+                  f"(nanochat's {model.gpt_generation()} generation), encoder {cfg.init_encoder}")
     print0(origin)
     configure_model(model, cfg, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -296,9 +364,6 @@ def train(cfg):
     optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.vision_lr,
                                         cfg.weight_decay, adamw_lr=cfg.adamw_lr if cfg.optimizer == "adamw" else None)
     modes = cfg.modes.split(",")
-    for m in modes:
-        if m not in MODES:
-            raise ValueError(f"unknown mode {m!r}; modes are {list(MODES)}")
     train_task, val_task = build_tasks(cfg, "train", world_size), build_tasks(cfg, "val", world_size)
     loader = VisionDataLoader(train_task, tokenizer, modes, cfg.device_batch_size, cfg.seq_len, rank, world_size,
                               seed=cfg.seed, num_workers=cfg.num_workers)
@@ -317,16 +382,14 @@ def train(cfg):
            f"{cfg.seq_len} x {world_size} ranks x {grad_accum} accumulation steps, modes {modes}")
 
     # ---- the collapse watch: fixed distinct pages whose encoder outputs must stay apart ----
-    collapse_pages = SyntheticPages(cfg.collapse_images, seed=12345, sizes=(768, 1024))
-    processor = DeepseekOCRProcessor(modes[0])
-    collapse_views = torch.stack([processor.process_image(load_image(collapse_pages[i]["image_path"]))["pixel_values"]
-                                  for i in range(len(collapse_pages))])
+    collapse_views = collapse_watch_views(cfg.collapse_images, DeepseekOCRProcessor(modes[0]))
     peak = peak_flops(device)
 
     # ---- the loop ----
     train_iter = iter(loader)
     summary = dict(losses=[], steps=[], val_loss=None, similarity=[], samples=[], cer=[], cer_by_kind=[],
-                   start_step=start_step,
+                   start_step=start_step, cer_before=init_meta.get("heldout_cer") if cfg.init_from else None,
+                   **trained_on(cfg, init_meta),
                    n_params=n_params, n_train=n_train, origin=origin, skipped_samples=[])
     t_start, dt_ema, step = time.time(), None, start_step
     while True:
@@ -334,18 +397,22 @@ def train(cfg):
         last = step >= cfg.num_iterations
         if cfg.eval_every > 0 and (last or step % cfg.eval_every == 0):
             summary.update(evaluate(model, cfg, val_task, tokenizer, rank, world_size, autocast))
-            similarity = encoder_collapse(model, collapse_views, autocast)
+            similarity = encoder_collapse(model, collapse_views, autocast) if collapse_views is not None else float("nan")
             summary["similarity"].append((step, similarity))
-            warn = "  WARNING: encoder outputs are collapsing" if similarity > cfg.collapse_warn else ""
-            if step > start_step and summary["gap_blank"] < cfg.gap_warn:
-                warn += "  WARNING: the model barely looks at the image (a blank page costs it almost nothing)"
             print0(f"step {step:05d} | val loss {summary['val_loss']:.4f} | image gap blank {summary['gap_blank']:+.3f}"
-                   f" other {summary['gap_other']:+.3f} | encoder similarity {similarity:.4f}{warn}")
+                   f" other {summary['gap_other']:+.3f} | encoder similarity {similarity:.4f}")
+            if similarity > cfg.collapse_warn:
+                warn0(f"step {step:05d} | WARNING: encoder outputs are collapsing (similarity {similarity:.4f})")
+            if step > start_step and summary["gap_blank"] < cfg.gap_warn:
+                warn0(f"step {step:05d} | WARNING: the model barely looks at the image (a blank page costs it "
+                      f"{summary['gap_blank']:+.3f} nats per token)")
             wandb_run.log(dict(step=step, val_loss=summary["val_loss"], gap_blank=summary["gap_blank"],
                                gap_other=summary["gap_other"], encoder_similarity=similarity))
             if master and cfg.cer_pages > 0:
-                heldout = read_pages(model, tokenizer, val_task, cfg.cer_pages, modes[0], cfg.sample_tokens)
-                training = read_pages(model, tokenizer, train_task, cfg.cer_pages, modes[0], cfg.sample_tokens)
+                reader = reading_copy(model)
+                heldout = read_pages(reader, tokenizer, val_task, cfg.cer_pages, modes[0], cfg.sample_tokens)
+                training = read_pages(reader, tokenizer, train_task, cfg.cer_pages, modes[0], cfg.sample_tokens)
+                del reader
                 summary["cer"].append((step, character_error_rate(heldout), character_error_rate(training),
                                        len(heldout)))
                 summary["cer_by_kind"].append((step, cer_by_kind(heldout, training)))
@@ -373,9 +440,10 @@ def train(cfg):
             t_data = time.time()
             batch = next(train_iter)
             data_s += time.time() - t_data
-            for detail in batch["skip_details"]:
-                print0(f"skipped sample: {detail}")
-            summary["skipped_samples"] += batch["skip_details"]
+            for detail in batch["skip_details"]:  # a bad file is named the first time; later skips are only counted
+                if detail not in summary["skipped_samples"]:
+                    warn0(f"skipped sample: {detail} (further skips are counted in the step lines)")
+                    summary["skipped_samples"].append(detail)
             with autocast:
                 loss = model(*(batch[k].to(device) for k in ("input_ids", "targets")), batch["images"],
                              doc_ids=batch["doc_ids"].to(device), positions=batch["positions"].to(device))
@@ -391,7 +459,7 @@ def train(cfg):
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
             saved = [os.path.basename(c) for c in list_checkpoints(out_dir)]
-            print0(f"step {step}: the loss is not finite ({loss_sum.item() / grad_accum}); stopped before the update. "
+            warn0(f"step {step}: the loss is not finite ({loss_sum.item() / grad_accum}); stopped before the update. "
                    f"The newest checkpoint ({saved[-1] if saved else 'none'} in {out_dir}) holds the weights that led "
                    f"here, and --resume replays the same batches: resume with --skip_step={step} to drop this step's "
                    f"batches, or with lower learning rates if the loss was climbing.")
@@ -442,7 +510,8 @@ def train(cfg):
         # checkpoint
         if step == cfg.num_iterations or (cfg.save_every > 0 and step % cfg.save_every == 0):
             meta = dict(train_config=asdict(cfg), train_loss=loss_value, val_loss=summary["val_loss"],
-                        world_size=world_size)
+                        world_size=world_size, heldout_cer=summary["cer"][-1][1] if summary["cer"] else None,
+                        **trained_on(cfg, init_meta))
             summary["checkpoint"] = save_checkpoint(out_dir, step, model, tokenizer, meta, optimizers,
                                                     loader.state_dict(), rank, cfg.keep_checkpoints)
             print0(f"saved {summary['checkpoint']}")
@@ -462,13 +531,15 @@ def train(cfg):
 def write_report(cfg, summary):
     """This stage's section of report.md, with the CER curve beside it as a PNG."""
     val = "-" if summary["val_loss"] is None else f"{summary['val_loss']:.4f}"
-    unused = ("init_gpt", "init_gpt_step", "init_encoder", "sam_source", "clip_source", "deepseek_source", "depth",
+    unused = ("init_gpt", "init_gpt_step", "gpt_generation", "init_encoder", "sam_source", "clip_source", "deepseek_source", "depth",
               "encoder", "tokenizer", "vocab_size") if cfg.init_from or cfg.resume else ()  # the checkpoint's
     steps = summary["steps"]
     seconds = sum(s["dt"] for s in steps) or float("nan")
     mfus = [s["mfu"] for s in steps if s["mfu"] is not None]
     lines = [
         f"- {summary['origin']}",
+        f"- trained on (with what it started from): {', '.join(summary['trained_on'])}, in "
+        f"{' / '.join(summary['trained_modes'])} mode",
         f"- config: {', '.join(f'{k}={v}' for k, v in asdict(cfg).items() if k not in unused)}",
         f"- parameters: {summary['n_params']:,} ({summary['n_train']:,} trainable)",
         f"- steps {summary['start_step']} -> {summary['start_step'] + len(summary['losses'])}, "
@@ -494,6 +565,10 @@ def write_report(cfg, summary):
                    "training CER": [(s, t) for s, _, t, _ in summary["cer"]]},
                   os.path.join(base_dir(), curve), "step", "character error rate")
         lines += [f"- held-out CER: {heldout:.3f} ({n} pages)", f"- training CER: {training:.3f} ({n} pages)"]
+        before = summary["cer_before"]
+        if before is not None and heldout > before:
+            lines.append(f"- **this stage made the held-out CER worse**: {before:.3f} in the checkpoint it started "
+                         f"from, {heldout:.3f} after it")
         lines += [f"- held-out CER on {kind} pages: {h:.3f} ({k} pages); training CER {t:.3f}"
                   for kind, (h, t, k) in summary["cer_by_kind"][-1][1].items()]
         lines += [
@@ -501,4 +576,4 @@ def write_report(cfg, summary):
                   ", ".join(f"{s}: {h:.3f} / {t:.3f}" for s, h, t, _ in summary["cer"]),
                   f"![character error rate]({curve})"]
         lines += [f"- held-out page: expected `{e[:80]!r}` / read `{r[:80]!r}`" for e, r, _ in summary["samples"]]
-    append_report(f"Training {cfg.stage} ({cfg.tag()})", lines)
+    return append_report(f"Training {cfg.stage} ({cfg.tag()})", lines)

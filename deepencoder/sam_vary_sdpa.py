@@ -1,8 +1,8 @@
 """
 SAM ViT-B image encoder (Kirillov et al. 2023) with DeepSeek-OCR's 16x conv compressor (net_2, net_3).
-Window attention in most blocks, global attention in a few, decomposed relative positions: on CUDA a fused
-FlexAttention score modification, elsewhere an SDPA mask (the reference it is tested against). Module names follow
-Meta's SAM so its weights (and DeepSeek-OCR's sam_model) load 1:1.
+Window attention in most blocks, global attention in a few, decomposed relative positions folded into the query
+and key so that plain fused SDPA computes them, on every device (the bias-as-mask path is the reference it is
+tested against). Module names follow Meta's SAM so its weights (and DeepSeek-OCR's sam_model) load 1:1.
 """
 from dataclasses import dataclass
 
@@ -10,8 +10,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-
-from common import compiled_flex_attention
 
 
 @dataclass
@@ -96,12 +94,22 @@ def relative_position_terms(q, rel_pos_h, rel_pos_w, H, W):
     return rel_h.reshape(B, n, H * W, H), rel_w.reshape(B, n, H * W, W)
 
 
-def fused_attention(q, k, v, rel_h, rel_w, W, flex=None):
-    """Attention with the decomposed bias as FlexAttention's score modification: the (H*W)^2 bias is never built,
-    all heads go in one fused kernel (compiled on CUDA)."""
-    def add_bias(score, b, h, q_idx, kv_idx):
-        return score + rel_h[b, h, q_idx, kv_idx // W] + rel_w[b, h, q_idx, kv_idx % W]
-    return (flex or compiled_flex_attention())(q, k, v, score_mod=add_bias)
+def folded_attention(q, k, v, rel_h, rel_w, H, W):
+    """
+    Attention with the decomposed bias folded into the dot product: q' = [q / sqrt(C), rel_h, rel_w] and
+    k' = [k, one-hot(key row), one-hot(key column)], so q'.k' = q.k / sqrt(C) + rel_h[i, kh] + rel_w[i, kw], and
+    plain SDPA (scale 1) computes SAM's attention exactly, with its fused kernels and their backward, which needs no
+    atomic add for the bias (a tensor captured by a FlexAttention score_mod gets its gradient that way). Widths are
+    padded to a multiple of 8, as fused kernels want.
+    """
+    B, n, HW, C = q.shape
+    key_h = F.one_hot(torch.arange(H, device=q.device).repeat_interleave(W), H)  # (HW, H): each key's row
+    key_w = F.one_hot(torch.arange(W, device=q.device).repeat(H), W)            # (HW, W): each key's column
+    pad = -(C + H + W) % 8
+    q = torch.cat([q * C ** -0.5, rel_h.to(q.dtype), rel_w.to(q.dtype), q.new_zeros(B, n, HW, pad)], dim=-1)
+    onehots = torch.cat([key_h, key_w, key_h.new_zeros(HW, pad)], dim=-1).to(k.dtype)
+    k = torch.cat([k, onehots.expand(B, n, HW, H + W + pad)], dim=-1)
+    return F.scaled_dot_product_attention(q, k, v, scale=1.0)
 
 
 def reference_attention(q, k, v, rel_h, rel_w):
@@ -131,10 +139,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, HW, head_dim)
         rel_h, rel_w = relative_position_terms(q, self.rel_pos_h, self.rel_pos_w, H, W)
-        if q.is_cuda:
-            y = fused_attention(q, k, v, rel_h.to(q.dtype), rel_w.to(q.dtype), W)
-        else:
-            y = reference_attention(q, k, v, rel_h, rel_w)
+        y = folded_attention(q, k, v, rel_h, rel_w, H, W)
         return self.proj(y.transpose(1, 2).reshape(B, H, W, -1))
 
 

@@ -20,10 +20,10 @@ from tasks.synthetic import SyntheticPages
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--modes", default="base,gundam")
-    parser.add_argument("--seq_len", type=int, default=8192)
+    parser.add_argument("--samples", type=int, default=64, help="samples to load per measurement")
+    parser.add_argument("--workers", type=int, default=2, help="loader worker processes")
+    parser.add_argument("--modes", default="base,gundam", help="comma-separated modes to measure")
+    parser.add_argument("--seq_len", type=int, default=8192, help="tokens per packed row")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one core: the per-core number is what scales with loader workers
     tokenizer = load_or_train_tokenizer()

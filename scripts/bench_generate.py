@@ -25,12 +25,12 @@ from scripts.tok_train import train_tokenizer
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--encoder", default="tiny", choices=["tiny", "full"])
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--depth", type=int, default=4, help="GPT depth (20: d20)")
+    parser.add_argument("--encoder", default="tiny", choices=["tiny", "full"], help="DeepEncoder size")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: the best there is)")
     parser.add_argument("--vocab_size", type=int, default=0, help="GPT rows (65536: d20's true cost); 0: tokenizer's")
-    parser.add_argument("--modes", default="base,gundam")
-    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--modes", default="base,gundam", help="comma-separated modes to measure")
+    parser.add_argument("--new_tokens", type=int, default=64, help="tokens decoded per page")
     parser.add_argument("--batch_sizes", default="8", help="continuous-batching slot counts to measure")
     parser.add_argument("--pages", type=int, default=16, help="pages per throughput measurement")
     args = parser.parse_args()
@@ -62,12 +62,13 @@ def main():
     for mode in args.modes.split(","):
         item = DeepseekOCRProcessor(mode).process_image(page)
         ids = tokenizer.render_vision_pretraining("<image>\nFree OCR.", 1 << 30, [item["num_image_tokens"]])[0]
-        # batch 1: encode + prefill (one new token), then the decode steps
+        # batch 1: the prefill (images encoded, prompt run) and the decode steps, each timed by itself
         engine = Engine(model, tokenizer, batch_size=1)
-        engine.generate([ids], [item], max_new_tokens=2, **ngram)  # warm-up: kernels, cache, CUDA graph
-        _, prefill = timed(lambda: engine.generate([ids], [item], max_new_tokens=1, **ngram))
-        out, total = timed(lambda: engine.generate([ids], [item], max_new_tokens=args.new_tokens, **ngram))
-        per_token = (total - prefill) / (len(out[0]) - 1)
+        engine.generate([ids], [item], max_new_tokens=args.new_tokens, **ngram)  # warm-up: kernels, cache, CUDA graph
+        prefill = min(timed(lambda: engine.prefill(torch.tensor([0], device=device), [ids], [item]))[1]
+                      for _ in range(3))
+        per_token = timed(lambda: [engine.step() for _ in range(args.new_tokens)])[1] / args.new_tokens
+        total = prefill + args.new_tokens * per_token
         print(f"{mode:>7} {item['num_image_tokens']:>6} {1:>6} {prefill * 1000:>11.1f} {per_token * 1000:>9.2f} "
               f"{1 / per_token:>10,.0f} {1 / total:>8.2f}")
         for batch in (int(b) for b in args.batch_sizes.split(",")):

@@ -7,23 +7,25 @@ Fox-style precision. Prints a table and saves a plot (precision against compress
 """
 import argparse
 import os
+import sys
 from functools import partial
 
 from common import append_report, line_plot, run_command
 from config import base_dir
-from engine import add_reader_args, load_engine, read_with_progress
+from engine import add_reader_args, load_engine, modes_arg, read_with_progress
 from image_process import load_image, vision_features
 from metrics import fox_scores
 from tasks.synthetic import SyntheticPages
 
 
-def run(engine, pages, modes, max_tokens):
-    """[{mode, text_tokens, vision_features, precision}] for every page and mode."""
+def run(engine, pages, modes, max_tokens, failed=None):
+    """[{mode, text_tokens, vision_features, precision}] for every page and mode; pages that cannot be read are
+    named on stderr and added to `failed`."""
     samples = [pages[i] for i in range(len(pages))]
-    rows = []
+    rows, failed = [], [] if failed is None else failed
     for mode in modes:
         prompted = [(i, partial(load_image, s["image_path"]), s["text"]) for i, s in enumerate(samples)]
-        for i, _, answer in read_with_progress(engine, prompted, mode, max_tokens, [], mode):
+        for i, _, answer in read_with_progress(engine, prompted, mode, max_tokens, failed, mode):
             truth = samples[i]["response"]
             rows.append(dict(mode=mode, text_tokens=len(engine.tokenizer.encode(truth)),
                              vision_features=vision_features(mode), precision=fox_scores(answer, truth)["precision"]))
@@ -44,17 +46,18 @@ def binned(rows, modes, width):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="compression study on synthetic pages")
-    parser.add_argument("--pages", type=int, default=200)
-    parser.add_argument("--modes", default="tiny,small,base")
-    parser.add_argument("--bin_width", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=777)
+    parser.add_argument("--pages", type=int, default=200, help="synthetic document pages to read")
+    parser.add_argument("--modes", type=modes_arg, default=None,
+                        help="comma-separated modes (the study: tiny,small,base; default: those the checkpoint trained in)")
+    parser.add_argument("--bin_width", type=int, default=100, help="text tokens per bin")
+    parser.add_argument("--seed", type=int, default=777, help="which synthetic pages")
     parser.add_argument("--out", default=None, help="where to save the plot (default: <base dir>/compression.png)")
     add_reader_args(parser, max_tokens=1024)
     args = parser.parse_args(argv)
-    engine, meta, checkpoint = load_engine(args)
-    modes = args.modes.split(",")
+    engine, meta, checkpoint, modes = load_engine(args, args.modes)
     pages = SyntheticPages(args.pages, seed=args.seed, kinds=("document",), sizes=(768, 1024), doc_styles=("free",))
-    curves = binned(run(engine, pages, modes, args.max_tokens), modes, args.bin_width)
+    unreadable = []
+    curves = binned(run(engine, pages, modes, args.max_tokens, unreadable), modes, args.bin_width)
     lines = ["| text tokens | " + " | ".join(f"{m}: compression, precision (pages)" for m in modes) + " |",
              "|---|" + "---|" * len(modes)]
     for k, (lo, *_rest) in enumerate(curves[modes[0]]):
@@ -66,8 +69,8 @@ def main(argv=None):
     print(f"compression study: {len(pages)} synthetic pages, checkpoint {checkpoint}")
     print("\n".join(lines) + f"\nplot: {path}")
     append_report("Compression study (synthetic pages)", lines + [f"- plot: {path}"])
-    return curves
+    return curves, unreadable
 
 
 if __name__ == "__main__":
-    run_command(main)
+    sys.exit(1 if run_command(main)[1] else 0)

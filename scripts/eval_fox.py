@@ -13,9 +13,9 @@ import os
 import sys
 import zipfile
 
-from common import append_report, atomic_open, run_command
+from common import UserError, append_report, atomic_open, run_command
 from config import FREE_OCR, base_dir
-from engine import add_reader_args, load_engine, read_with_progress
+from engine import add_reader_args, load_engine, modes_arg, read_with_progress
 from hub import hub_file
 from image_process import load_image, num_image_slots, vision_features
 from metrics import fox_scores
@@ -28,6 +28,9 @@ PAPER = {(600, 700): (96.5, 98.5), (1000, 1100): (79.3, 91.5), (1200, 1300): (59
 def load_pages(source=None):
     """[(image name, load() -> RGB image, ground truth)] for English page OCR, from Fox's zip (downloaded) or an
     extracted folder. Images are read only when load() is called."""
+    if source is not None and not os.path.exists(source):
+        raise UserError(f"--data {source}: no such file or folder (Fox's focus_benchmark_test.zip or its extracted "
+                        "folder was expected)")
     source = source or hub_file("ucaslcl/Fox_benchmark_data", "focus_benchmark_test.zip", repo_type="dataset",
                                 hint="or pass --data with the zip or its extracted folder")
     if os.path.isdir(source):
@@ -37,8 +40,11 @@ def load_pages(source=None):
             entries = json.load(f)
         return [(e["image"], lambda p=os.path.join(root, "en_pdf_png", e["image"]): load_image(p),
                  e["conversations"][1]["value"]) for e in entries]
-    with zipfile.ZipFile(source) as z:
-        entries = json.loads(z.read("focus_benchmark_test/en_page_ocr.json"))
+    try:
+        with zipfile.ZipFile(source) as z:
+            entries = json.loads(z.read("focus_benchmark_test/en_page_ocr.json"))
+    except (zipfile.BadZipFile, KeyError, OSError, ValueError) as e:
+        raise UserError(f"--data {source}: not Fox's focus_benchmark_test.zip ({type(e).__name__}: {e})") from None
 
     def load(name):
         with zipfile.ZipFile(source) as z:
@@ -47,9 +53,10 @@ def load_pages(source=None):
 
 
 def evaluate(engine, pages, modes, max_tokens, out_dir):
-    """Read every page in every mode; each mode's predictions are saved as its pages finish. -> {mode: rows}."""
+    """Read every page in every mode; each mode's predictions are saved as its pages finish. -> ({mode: rows}, names
+    of the pages that could not be read)."""
     os.makedirs(out_dir, exist_ok=True)
-    results = {}
+    results, unreadable = {}, set()
     for mode in modes:
         failed, rows = [], []
         truths = {name: truth for name, _, truth in pages}
@@ -64,8 +71,9 @@ def evaluate(engine, pages, modes, max_tokens, out_dir):
                 json.dump(sorted(rows, key=lambda r: r["image"]), f, indent=1, ensure_ascii=False)
         if failed:
             print(f"Fox {mode}: {len(failed)} page(s) could not be read: {', '.join(failed)}", file=sys.stderr)
+        unreadable.update(failed)
         results[mode] = sorted(rows, key=lambda r: r["image"])
-    return results
+    return results, sorted(unreadable)
 
 
 def table(results):
@@ -95,23 +103,24 @@ def table(results):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Fox English page OCR")
-    parser.add_argument("--modes", default="tiny,small")
+    parser.add_argument("--modes", type=modes_arg, default=None,
+                        help="comma-separated modes (the paper: tiny,small; default: those the checkpoint trained in)")
     parser.add_argument("--data", default=None,
                         help="focus_benchmark_test.zip or its extracted folder (default: download)")
-    parser.add_argument("--max_pages", type=int, default=0)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--max_pages", type=int, default=0, help="read only the first N pages (0: all)")
+    parser.add_argument("--out", default=None, help="folder for the predictions (default: <base dir>/eval/fox)")
     add_reader_args(parser, max_tokens=2048)
     args = parser.parse_args(argv)
     pages = load_pages(args.data)[:args.max_pages or None]
-    engine, meta, checkpoint = load_engine(args)
+    engine, meta, checkpoint, modes = load_engine(args, args.modes)
     out_dir = args.out or base_dir("eval", "fox")
-    results = evaluate(engine, pages, args.modes.split(","), args.max_tokens, out_dir)
-    lines = table(results)
+    results, unreadable = evaluate(engine, pages, modes, args.max_tokens, out_dir)
+    lines = table(results) + ([f"- not readable, left out: {', '.join(unreadable)}"] if unreadable else [])
     print(f"Fox English page OCR, {len(pages)} pages, checkpoint {checkpoint} (text tokens counted with our tokenizer)")
     print("\n".join(lines))
     append_report("Fox (English page OCR)", lines)
-    return results
+    return results, unreadable
 
 
 if __name__ == "__main__":
-    run_command(main)
+    sys.exit(1 if run_command(main)[1] else 0)

@@ -16,9 +16,10 @@ import html
 import json
 import os
 import re
+import sys
 from functools import partial
 
-from common import append_report, run_command
+from common import UserError, append_report, run_command
 from config import DOC_TO_MARKDOWN, MODES, base_dir
 from engine import add_reader_args, load_engine, read_with_progress, table_whitelist
 from grounding import strip_grounding
@@ -28,12 +29,14 @@ from metrics import normalized_edit_distance
 
 def load_pages(source=None, max_pages=0):
     """(OmniDocBench.json path, [(page dict, image path)]) from a local copy or the hub; images are opened later."""
+    if source is not None and not os.path.isdir(source):
+        raise UserError(f"--data {source}: no such folder (a copy of the OmniDocBench dataset repository was expected)")
     root = source or hub_snapshot("opendatalab/OmniDocBench", repo_type="dataset",
                                   allow_patterns=["OmniDocBench.json", "images/*"],
                                   hint="or pass --data with a local copy of the dataset repository")
     path = os.path.join(root, "OmniDocBench.json")
     if not os.path.exists(path):
-        raise SystemExit(f"{path} not found: --data must be a copy of the OmniDocBench dataset repository")
+        raise UserError(f"{path} not found: --data must be a copy of the OmniDocBench dataset repository")
     with open(path, encoding="utf-8") as f:
         pages = json.load(f)[:max_pages or None]
     return path, [(p, os.path.join(root, "images", os.path.basename(p["page_info"]["image_path"]))) for p in pages]
@@ -65,7 +68,7 @@ def page_text(page):
 
 def predict(engine, pages, mode, max_tokens, out_dir):
     """Write <image stem>.md for every page as it finishes; a page that cannot be read is reported and left out.
-    Returns [(page, markdown)] in the pages' order."""
+    Returns ([(page, markdown)] in the pages' order, names of the pages that could not be read)."""
     os.makedirs(out_dir, exist_ok=True)
     by_name = {os.path.basename(image_path): page for page, image_path in pages}
     outputs, failed = {}, []
@@ -77,7 +80,7 @@ def predict(engine, pages, mode, max_tokens, out_dir):
         outputs[name] = strip_grounding(text)
         with open(os.path.join(out_dir, os.path.splitext(name)[0] + ".md"), "w", encoding="utf-8") as f:
             f.write(outputs[name])
-    return [(by_name[name], outputs[name]) for name in by_name if name in outputs]
+    return [(by_name[name], outputs[name]) for name in by_name if name in outputs], failed
 
 
 def quick_scores(outputs):
@@ -93,18 +96,19 @@ def quick_scores(outputs):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="OmniDocBench predictions for the official scorer, and a quick score")
-    parser.add_argument("--mode", default="base", choices=list(MODES))
+    parser.add_argument("--mode", default=None, choices=list(MODES),
+                        help="resolution mode (default: the one the checkpoint trained in)")
     parser.add_argument("--data", default=None, help="a local copy of the dataset repository (default: download)")
-    parser.add_argument("--max_pages", type=int, default=0)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--max_pages", type=int, default=0, help="read only the first N pages (0: all)")
+    parser.add_argument("--out", default=None, help="folder for the markdown (default: <base dir>/eval/omnidocbench)")
     add_reader_args(parser, max_tokens=4096)
     args = parser.parse_args(argv)
     gt_path, pages = load_pages(args.data, args.max_pages)
-    engine, meta, checkpoint = load_engine(args)
-    out_dir = args.out or base_dir("eval", "omnidocbench", args.mode)
-    outputs = predict(engine, pages, args.mode, args.max_tokens, out_dir)
+    engine, meta, checkpoint, (mode,) = load_engine(args, [args.mode] if args.mode else None)
+    out_dir = args.out or base_dir("eval", "omnidocbench", mode)
+    outputs, unreadable = predict(engine, pages, mode, args.max_tokens, out_dir)
     scores = quick_scores(outputs)
-    lines = [f"- {len(outputs)} of {len(pages)} pages, {args.mode} mode, checkpoint {checkpoint}; "
+    lines = [f"- {len(outputs)} of {len(pages)} pages, {mode} mode, checkpoint {checkpoint}; "
              f"markdown in {out_dir}",
              "- quick text edit distance (not the official metric): " +
              ", ".join(f"{k} {v:.3f}" for k, v in scores.items()),
@@ -112,10 +116,11 @@ def main(argv=None):
              "Gundam 0.127",
              f"- official score: in OmniDocBench/, set configs/end2end.yaml ground_truth.data_path={gt_path} and "
              f"prediction.data_path={out_dir}, then `python pdf_validation.py --config configs/end2end.yaml`"]
+    lines += [f"- not readable, left out: {', '.join(unreadable)}"] if unreadable else []
     print("\n".join(lines))
-    append_report(f"OmniDocBench ({args.mode})", lines)
-    return scores
+    append_report(f"OmniDocBench ({mode})", lines)
+    return scores, unreadable
 
 
 if __name__ == "__main__":
-    run_command(main)
+    sys.exit(1 if run_command(main)[1] else 0)

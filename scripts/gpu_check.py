@@ -1,9 +1,11 @@
 """
 One-GPU check of the real scale: d20 GPT (vocab 65536) + the full DeepEncoder in Base mode on synthetic pages
 (rendered beforehand, in parallel), a few steps of stage 1 (everything trains) and of stage 2 (SAM frozen,
-10% text), packed rows, compiled. Prints per stage: the first step (compilation included), the steady step time,
-real tokens/s, images/s, MFU, peak memory, and where a step goes: waiting for data, the encoder, the GPT and the
-optimizers (encoder and GPT split by timing each alone on one fixed batch). Random weights: no downloads.
+10% text), packed rows, compiled: one model, compiled once, serves the whole check. Prints the compile time on its
+own line, then per stage: the first step, the steady step time, real tokens/s, images/s, MFU, peak memory, and
+where a step goes: waiting for data, the encoder, the GPT and the optimizers (encoder and GPT split by timing each
+alone on one fixed batch). Past --budget_s it stops between phases with what it has measured. Random weights: no
+downloads.
 
   bash scripts/gpu_check.sh                  # on the GPU
   python -m scripts.gpu_check --tiny         # a CPU dry run of the same path with the tiny model
@@ -15,10 +17,9 @@ from multiprocessing import Pool
 
 import torch
 
-from checkpoint import load_model
+from checkpoint import new_model
 from common import autocast_context
 from dataloader import VisionDataLoader
-from gpt import document_mask
 from scripts.tok_train import load_or_train_tokenizer
 from tasks.synthetic import SyntheticPages
 from train import TrainConfig, build_tasks, configure_model, train
@@ -49,12 +50,28 @@ def timed(fn, device, repeats=3):
     return (time.perf_counter() - t0) / repeats
 
 
-def encoder_and_gpt_seconds(cfg, checkpoint, device):
+def fixed_batch(cfg, tokenizer):
+    return next(iter(VisionDataLoader(build_tasks(cfg, "train", 1), tokenizer, cfg.modes.split(","),
+                                      cfg.device_batch_size, cfg.seq_len)))
+
+
+def compile_seconds(model, cfg, tokenizer, device):
+    """The first forward and backward of the configured model: the compilation, timed on its own."""
+    batch = fixed_batch(cfg, tokenizer)
+    t0 = time.perf_counter()
+    with autocast_context(device):
+        loss = model(*(batch[k].to(device) for k in ("input_ids", "targets")), batch["images"],
+                     doc_ids=batch["doc_ids"].to(device), positions=batch["positions"].to(device))
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def encoder_and_gpt_seconds(model, cfg, tokenizer, device):
     """Forward+backward of one fixed micro-batch, the encoder's and the GPT's apart."""
-    model, tokenizer, _ = load_model(checkpoint, device)
-    configure_model(model, cfg, device)
-    batch = next(iter(VisionDataLoader(build_tasks(cfg, "train", 1), tokenizer, cfg.modes.split(","),
-                                       cfg.device_batch_size, cfg.seq_len)))
+    batch = fixed_batch(cfg, tokenizer)
     ids, targets, doc_ids, positions = (batch[k].to(device) for k in ("input_ids", "targets", "doc_ids", "positions"))
     autocast = autocast_context(device)
 
@@ -68,20 +85,21 @@ def encoder_and_gpt_seconds(cfg, checkpoint, device):
 
     def gpt():
         with autocast:
-            loss = model.gpt(inputs_embeds=embeds, targets=targets, positions=positions,
-                             attn_mask=document_mask(doc_ids))
+            loss = model.gpt(ids, targets, inputs_embeds=embeds, positions=positions, doc_ids=doc_ids)
         loss.backward()
     return timed(encoder, device), timed(gpt, device)
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=12, help="training steps to time per stage")
     parser.add_argument("--device_batch_size", type=int, default=8, help="rows of seq_len tokens")
-    parser.add_argument("--num_workers", type=int, default=12)
-    parser.add_argument("--compile", type=int, default=1)
-    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--num_workers", type=int, default=12, help="loader worker processes")
+    parser.add_argument("--compile", type=int, default=1, help="1: torch.compile the encoder and the GPT")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: a dry run of the script")
+    parser.add_argument("--budget_s", type=float, default=540, help="stop between phases past this many seconds")
     args = parser.parse_args()
+    t_start = time.perf_counter()
     load_or_train_tokenizer()
     common = dict(model_tag="gpu-check", init_encoder="random", modes="base", num_synthetic=512,
                   synthetic_min_size=1000, synthetic_max_size=1600, device_batch_size=args.device_batch_size,
@@ -91,18 +109,26 @@ def main():
     if args.tiny:
         common.update(encoder="tiny", depth=2, modes="tiny", vocab_size=0, num_workers=0, device_batch_size=2,
                       synthetic_min_size=512, synthetic_max_size=700, num_synthetic=16)
-    rows = []
     stages = (("stage1", dict(seq_len=4096)), ("stage2", dict(seq_len=8192, freeze_sam=True, text_fraction=0.1)))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = TrainConfig(stage="stage1-gpu-check", **common, **stages[0][1])
+    prerender(cfg, args.num_workers)
+    model, tokenizer = new_model(cfg, device)
+    configure_model(model, cfg, device)
+    print(f"compile: {compile_seconds(model, cfg, tokenizer, device):.1f} s (the first forward and backward, stage 1)",
+          flush=True)
+    rows = []
     for stage, extra in stages:
+        if time.perf_counter() - t_start > args.budget_s:
+            print(f"budget of {args.budget_s:.0f} s reached: stopping before {stage}", flush=True)
+            break
         cfg = TrainConfig(stage=f"{stage}-gpu-check", **common, **extra)
-        prerender(cfg, args.num_workers)
-        summary = train(cfg)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        steady = summary["steps"][2:] or summary["steps"]  # the first steps compile and fill the loader's queue
+        summary = train(cfg, prebuilt=(model, tokenizer))
+        steady = summary["steps"][2:] or summary["steps"]  # the first steps fill the loader's queue
         median = {key: statistics.median(s[key] for s in steady)
                   for key in ("dt", "tokens_per_s", "images_per_s", "data_s", "opt_s")}
         mfu = statistics.median(s["mfu"] for s in steady) if steady[0]["mfu"] is not None else None
-        encoder_s, gpt_s = encoder_and_gpt_seconds(cfg, summary["checkpoint"], device)
+        encoder_s, gpt_s = encoder_and_gpt_seconds(model, cfg, tokenizer, device)
         compute = max(median["dt"] - median["data_s"] - median["opt_s"], 0.0)
         shares = [median["data_s"], compute * encoder_s / (encoder_s + gpt_s), compute * gpt_s / (encoder_s + gpt_s),
                   median["opt_s"]]

@@ -227,7 +227,7 @@ def test_images():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    parser.add_argument("--out", default=os.path.join(root, "data", "test_images"))
+    parser.add_argument("--out", default=os.path.join(root, "data", "test_images"), help="folder for the images and expected.json")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     expected = {}

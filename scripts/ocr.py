@@ -1,9 +1,10 @@
 """
-OCR your own pages with a trained checkpoint: image files, directories of them, and PDFs (every page). Pages
-stream through the engine (continuous batching); each page's text goes to stdout and, with --out, to
-<out>/<name>.md (a PDF's pages to <name>_page001.md, ...). When the output carries grounding (boxes on a 0-999
-grid), a copy of the page with the boxes drawn is written beside the markdown. Problems go to stderr; the exit
-status is 1 when any input could not be read. Under torchrun the pages are split across the ranks.
+OCR your own pages with a trained checkpoint: image files, directories of them, PDFs and multi-page TIFF / GIF
+files (every page). Pages stream through the engine (continuous batching); each page's text goes to stdout, in the
+order of the inputs, and with --out to <out>/<name>.md (a PDF's or TIFF's pages to <name>_page001.md, ...). When the
+output carries grounding (boxes on a 0-999 grid), a copy of the page with the boxes drawn is written beside the
+markdown. The mode defaults to the one the checkpoint trained in. Problems go to stderr; the exit status is 1 when
+any input could not be read (the other pages are still read). Under torchrun the pages are split across the ranks.
 
   python -m scripts.ocr page.png > page.md
   python -m scripts.ocr scans/ paper.pdf --mode base --out ocr_out/
@@ -16,11 +17,11 @@ import sys
 
 from PIL import ImageDraw
 
-from common import get_dist_info, run_command
+from common import exit_with_launcher, get_dist_info, run_command
 from config import MODES, FREE_OCR
 from engine import add_reader_args, load_engine, read_with_progress, table_whitelist
 from grounding import grounding_boxes, strip_grounding
-from image_process import ImageError, load_image, prepare_image
+from image_process import ImageError, frame_count, load_image, prepare_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
@@ -32,7 +33,10 @@ def pages_of(path):
         return [page for n in names for page in pages_of(os.path.join(path, n))]
     stem = os.path.splitext(path)[0]
     if not path.lower().endswith(".pdf"):
-        return [(stem, lambda: load_image(path))]
+        frames = frame_count(path)  # a multi-page TIFF (or GIF): every frame is a page, as a PDF's pages are
+        if frames == 1:
+            return [(stem, lambda: load_image(path))]
+        return [(f"{stem}_page{i + 1:03d}", lambda i=i: load_image(path, frame=i)) for i in range(frames)]
     import pypdfium2 as pdfium
     try:
         count = len(pdfium.PdfDocument(path))
@@ -63,12 +67,15 @@ def draw_boxes(image, boxes):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="read text out of images and PDFs with a trained checkpoint")
     parser.add_argument("paths", nargs="+", help="image files, directories of them, PDFs")
-    parser.add_argument("--mode", default="base", choices=list(MODES))
-    parser.add_argument("--prompt", default=FREE_OCR)
+    parser.add_argument("--mode", default=None, choices=list(MODES),
+                        help="resolution mode (default: the one the checkpoint trained in)")
+    parser.add_argument("--prompt", default=FREE_OCR, help="what to ask of every page")
     parser.add_argument("--out", default=None, help="directory for <page>.md and the images with boxes")
     add_reader_args(parser, max_tokens=2048)
     args = parser.parse_args(argv)
-    _, rank, local_rank, world_size = get_dist_info()
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if ddp:
+        exit_with_launcher()
 
     # every input is looked at before the model loads: a typo fails in a second, not after the load
     failures, pages = 0, []
@@ -85,15 +92,24 @@ def main(argv=None):
         raise SystemExit(1 if failures else "no pages to read")
     if world_size > 1 and args.device is None:
         args.device = f"cuda:{local_rank}"
-    engine, _, checkpoint = load_engine(args)
-    print(f"reading {len(pages)} page(s) with {checkpoint}", file=sys.stderr)
+    engine, _, checkpoint, (mode,) = load_engine(args, [args.mode] if args.mode else None)
+    print(f"reading {len(pages)} page(s)", file=sys.stderr)
 
-    # pages are decoded only as slots free up; one that fails is reported and the others go on
-    results, failed = [], []
+    # pages are decoded only as slots free up (one that fails is reported and the others go on); they finish in any
+    # order, and stdout takes each as soon as every page before it is out (or failed)
+    results, failed, finished = [], [], {}
     ngram = dict(no_repeat_ngram_size=20, ngram_window=90, ngram_whitelist=table_whitelist(engine.tokenizer))
     prompted = [(name, load, args.prompt) for name, load in pages]
-    for name, image, text in read_with_progress(engine, prompted, args.mode, args.max_tokens, failed, **ngram):
-        print((f"===== {name}\n" if len(pages) > 1 else "") + strip_grounding(text), flush=True)
+    waiting = [name for name, _ in pages]
+
+    def show(all_done=False):
+        while waiting and (waiting[0] in finished or waiting[0] in failed or all_done):
+            name = waiting.pop(0)
+            if name in finished:
+                print((f"===== {name}\n" if len(pages) > 1 else "") + strip_grounding(finished.pop(name)), flush=True)
+    for name, image, text in read_with_progress(engine, prompted, mode, args.max_tokens, failed, **ngram):
+        finished[name] = text
+        show()
         out_stem = os.path.join(args.out, os.path.basename(name)) if args.out else None
         if out_stem:
             os.makedirs(args.out, exist_ok=True)
@@ -105,6 +121,7 @@ def main(argv=None):
             draw_boxes(image, boxes).save(boxes_path)
             print(f"({len(boxes)} boxes drawn -> {boxes_path})", file=sys.stderr)
         results.append((name, text))
+    show(all_done=True)
     failures += len(failed)
     if failures:
         print(f"{failures} input(s) could not be read", file=sys.stderr)

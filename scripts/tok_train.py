@@ -7,6 +7,7 @@ plus any text files or directories given with --input. Writes tokenizer.pkl to -
 """
 import argparse
 import os
+import sys
 import time
 
 from config import tokenizer_dir
@@ -26,7 +27,8 @@ def local_files(paths):
 
 
 def texts(num_docs, inputs=(), max_chars=200_000_000, progress=False):
-    """The synthetic corpus, then the local files, up to max_chars (a progress line every 1M characters)."""
+    """The synthetic corpus, then the local files, up to max_chars (progress on stderr every 1M characters: one line
+    rewritten on a terminal, plain lines in a log)."""
     def documents():
         yield from corpus(num_docs)
         for path in local_files(inputs):
@@ -38,7 +40,9 @@ def texts(num_docs, inputs=(), max_chars=200_000_000, progress=False):
         seen += len(doc)
         if progress and seen - reported >= 1_000_000:
             reported = seen
-            print(f"\rread {seen / 1e6:.1f}M characters", end="", flush=True)
+            terminal = sys.stderr.isatty()
+            print(f"{chr(13) if terminal else ''}read {seen / 1e6:.1f}M characters", end="" if terminal else "\n",
+                  file=sys.stderr, flush=True)
         yield doc
         if seen >= max_chars:
             return
@@ -57,12 +61,12 @@ def load_or_train_tokenizer(vocab_size=4096):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="train a BPE tokenizer on local text")
-    parser.add_argument("--vocab_size", type=int, default=4096)
+    parser.add_argument("--vocab_size", type=int, default=4096, help="tokens, special ones included")
     parser.add_argument("--input", action="append", default=[],
                         help="text file or directory of .txt/.md files (repeatable)")
     parser.add_argument("--num_docs", type=int, default=20000, help="synthetic documents to include")
-    parser.add_argument("--max_chars", type=int, default=200_000_000)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--max_chars", type=int, default=200_000_000, help="characters of text to train on at most")
+    parser.add_argument("--out", default=None, help="directory for tokenizer.pkl (default: <base dir>/tokenizer)")
     args = parser.parse_args(argv)
     t0 = time.time()
     tokenizer = train_tokenizer(args.vocab_size, args.num_docs, args.input, args.max_chars, progress=True)
@@ -71,7 +75,11 @@ def main(argv=None):
     sample = "# Results\n\nThe model reads <table><tr><td>42</td></tr></table> and \\frac{a}{b}."
     ids = tokenizer.encode(sample)
     assert tokenizer.decode(ids) == sample
-    print(f"\ntrained a {tokenizer.get_vocab_size()}-token tokenizer in {time.time() - t0:.1f}s -> {out}/tokenizer.pkl")
+    print(f"trained a {tokenizer.get_vocab_size()}-token tokenizer in {time.time() - t0:.1f}s -> {out}/tokenizer.pkl")
+    if tokenizer.get_vocab_size() < args.vocab_size:
+        print(f"warning: {tokenizer.get_vocab_size()} tokens, not the {args.vocab_size} asked for: this text has no pair "
+              "of neighbouring tokens left to merge (each of its words is one token already); more varied text "
+              "(--input) allows more", file=sys.stderr)
     print(f"{len(sample)} characters -> {len(ids)} tokens ({len(sample) / len(ids):.2f} chars/token)")
 
 

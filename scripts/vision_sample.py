@@ -14,10 +14,11 @@ import io
 import json
 import os
 import re
+import sys
 
 from common import append_report, run_command
 from config import MODES, base_dir
-from engine import add_reader_args, load_engine
+from engine import add_reader_args, load_engine, trained_modes
 from image_process import load_image, ImageError
 from metrics import normalized_edit_distance, exact_match
 
@@ -54,7 +55,7 @@ def diff_html(expected, generated):
 
 def summary_line(rows):
     n_exact = sum(r["exact"] for r in rows)
-    mean_ned = sum(r["ned"] for r in rows) / len(rows)
+    mean_ned = sum(r["ned"] for r in rows) / max(1, len(rows))
     return f"{n_exact}/{len(rows)} exact, mean normalised edit distance {mean_ned:.3f}"
 
 
@@ -62,7 +63,7 @@ def verdict(row):
     return "EXACT" if row["exact"] else f"PARTIAL (edit distance {row['ned']:.3f})"
 
 
-def write_html(path, rows, title):
+def write_html(path, rows, title, note=""):
     cells = []
     for r in rows:
         buf = io.BytesIO()
@@ -77,27 +78,33 @@ def write_html(path, rows, title):
         f.write(f"""<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif}} td{{vertical-align:top;padding:8px;border-bottom:1px solid #ccc}}
 pre{{white-space:pre-wrap;max-width:800px;background:#f6f6f6;padding:6px}} del{{background:#fbb}} ins{{background:#bfb}}</style>
-<h1>{html.escape(title)}</h1><p><b>summary: {summary_line(rows)}</b></p><table>{''.join(cells)}</table>""")
+<h1>{html.escape(title)}</h1><p><b>summary: {summary_line(rows)}</b></p><p>{html.escape(note)}</p><table>{''.join(cells)}</table>""")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="read the test images with a trained model")
-    parser.add_argument("--mode", default="base", choices=list(MODES))
-    parser.add_argument("--images", default=DEFAULT_IMAGES)
+    parser.add_argument("--mode", default=None, choices=list(MODES),
+                        help="resolution mode (default: the one the checkpoint trained in)")
+    parser.add_argument("--images", default=DEFAULT_IMAGES, help="a folder of test images with its expected.json")
     parser.add_argument("--html", default=None,
                         help="where to write the HTML page (default: <base dir>/vision_sample.html)")
     add_reader_args(parser, max_tokens=512)
     args = parser.parse_args(argv)
 
     tests = load_test_set(args.images)
-    engine, meta, checkpoint = load_engine(args)
-    print(f"checkpoint {checkpoint} (step {meta['step']}), mode {args.mode}")
-    try:
-        images = {name: load_image(os.path.join(args.images, name)) for name in tests}
-    except ImageError as e:
-        raise SystemExit(str(e))
+    engine, meta, checkpoint, (mode,) = load_engine(args, [args.mode] if args.mode else None)
+    trained = f"trained on {', '.join(meta.get('trained_on', [])) or 'unknown data'} in {'/'.join(trained_modes(meta))} mode"
+    print(f"checkpoint {checkpoint} (step {meta['step']}, {trained}), reading in {mode} mode")
+    images, unreadable = {}, []
+    for name in tests:  # an image that cannot be read is named and left out; the others are read
+        try:
+            images[name] = load_image(os.path.join(args.images, name))
+        except ImageError as e:
+            print(f"skipping {e}", file=sys.stderr)
+            unreadable.append(name)
+    tests = {name: spec for name, spec in tests.items() if name in images}
     generated = dict(engine.read_iter([(name, images[name], spec["prompt"]) for name, spec in tests.items()],
-                                      args.mode, args.max_tokens))
+                                      mode, args.max_tokens))
     rows = []
     for i, (name, spec) in enumerate(tests.items(), start=1):
         ned = normalized_edit_distance(generated[name], spec["expected"])
@@ -107,12 +114,16 @@ def main(argv=None):
               f"GENERATED: {generated[name]}\nMATCH: {verdict(rows[-1])}\n")
     print(f"summary: {summary_line(rows)}")
     out = args.html or os.path.join(base_dir(), "vision_sample.html")
-    write_html(out, rows, f"vision_sample: {checkpoint} step {meta['step']}, {args.mode} mode")
+    write_html(out, rows, f"vision_sample: {checkpoint} step {meta['step']}, {mode} mode", f"The checkpoint was {trained}"
+               + (f"; not readable, left out: {', '.join(unreadable)}" if unreadable else ""))
     print(f"wrote {out}")
-    append_report("vision_sample", [f"- checkpoint {checkpoint}, mode {args.mode}: {summary_line(rows)}"] +
-                  [f"- {r['dataset']}: {verdict(r)} | `{r['generated'][:100]!r}`" for r in rows])
-    return rows
+    append_report("vision_sample", [f"- checkpoint {checkpoint} ({trained}), read in {mode} mode: {summary_line(rows)}"]
+                  + [f"- {r['dataset']}: {verdict(r)} | `{r['generated'][:100]!r}`" for r in rows]
+                  + ([f"- not readable, left out: {', '.join(unreadable)}"] if unreadable else []))
+    if unreadable:
+        print(f"{len(unreadable)} test image(s) could not be read", file=sys.stderr)
+    return rows, unreadable
 
 
 if __name__ == "__main__":
-    run_command(main)
+    sys.exit(1 if run_command(main)[1] else 0)

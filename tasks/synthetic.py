@@ -259,11 +259,16 @@ class SyntheticPages(Task):
         return self.num_samples
 
     def get_example(self, index):
-        path = os.path.join(self.image_dir, f"{index:07d}.png")
-        meta_path = path[:-4] + ".json"
+        meta_path = os.path.join(self.image_dir, f"{index:07d}.json")
         if os.path.exists(meta_path):
             with open(meta_path) as f:
                 return json.load(f)
+        return self.render(index)
+
+    def render(self, index):
+        """Make page `index` and store it (again, when the stored one was damaged): the same page every time."""
+        path = os.path.join(self.image_dir, f"{index:07d}.png")
+        meta_path = path[:-4] + ".json"
         image, prompt, response = make_sample(self.seed, index, self.kinds, self.sizes, self.doc_styles)
         sample = dict(text=f"<image>\n{prompt}", response=response, image_path=path)
         with atomic_open(path, "wb") as f:  # loader workers may render the same page

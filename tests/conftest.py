@@ -1,16 +1,20 @@
 """Tests run on the CPU, offline, with every file under a temporary base directory."""
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "disabled"
-os.environ.setdefault("NANO_DEEPSEEK_OCR_DIR", tempfile.mkdtemp(prefix="ndo-tests-"))
+if "NANO_DEEPSEEK_OCR_DIR" not in os.environ:  # a base directory of the session's own, removed when it ends
+    os.environ["NANO_DEEPSEEK_OCR_DIR"] = tempfile.mkdtemp(prefix="ndo-tests-")
+    atexit.register(shutil.rmtree, os.environ["NANO_DEEPSEEK_OCR_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from gpt import GPTConfig  # noqa: E402
+from gpt import GENERATIONS, GPTConfig  # noqa: E402
 from deepencoder.encoder import tiny_encoder_configs  # noqa: E402
 from nano_deepseek_ocr import NanoDeepseekOCRConfig, build_model  # noqa: E402
 from scripts.tok_train import train_tokenizer  # noqa: E402
@@ -26,18 +30,32 @@ def make_model(tokenizer):
     return lambda **kwargs: tiny_model(tokenizer, **kwargs)
 
 
-def tiny_model(tokenizer, n_layer=2, n_embd=64, seed=0, sequence_len=1024):
-    """A tiny NanoDeepseekOCR (tiny DeepEncoder, 2-layer GPT) with the tokenizer's vocabulary."""
+def tiny_model(tokenizer, n_layer=2, n_embd=64, seed=0, sequence_len=1024, generation="2025"):
+    """A tiny NanoDeepseekOCR (tiny DeepEncoder, 2-layer GPT of nanochat's 2025 or 2026 generation) with the
+    tokenizer's vocabulary."""
     torch.manual_seed(seed)
     sam, clip = tiny_encoder_configs()
-    gpt = GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.get_vocab_size(), n_layer=n_layer, n_head=2, n_kv_head=2, n_embd=n_embd)
+    gpt = GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.get_vocab_size(), n_layer=n_layer, n_head=2, n_kv_head=2,
+                    n_embd=n_embd, **GENERATIONS[generation])
     model = build_model(NanoDeepseekOCRConfig(sam, clip, gpt, tokenizer.image_token_id))
-    with torch.no_grad():  # nanochat zero-inits lm_head and the output projections: give the tests non-trivial logits
-        model.gpt.lm_head.weight.normal_(0, 0.05)
-        for block in model.gpt.transformer.h:
-            block.attn.c_proj.weight.normal_(0, 0.05)
-            block.mlp.c_proj.weight.normal_(0, 0.05)
+    informative(model.gpt)
     return model
+
+
+@torch.no_grad()
+def informative(gpt):
+    """nanochat zero-inits lm_head and the output projections, and smear starts switched off: give the tests
+    non-trivial logits and every part of the GPT something to do."""
+    gpt.lm_head.weight.normal_(0, 0.05)
+    for block in gpt.transformer.h:
+        block.attn.c_proj.weight.normal_(0, 0.05)
+        block.mlp.c_proj.weight.normal_(0, 0.05)
+        if block.attn.ve_gate is not None:
+            block.attn.ve_gate.weight.normal_(0, 0.5)
+    if gpt.smear_gate is not None:
+        gpt.smear_gate.weight.normal_(0, 0.5)
+        gpt.smear_lambda.fill_(0.8)
+    return gpt
 
 
 @pytest.fixture(scope="session")

@@ -206,18 +206,43 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("H,W", [(14, 14), (36, 36)])  # a window block, and a global grid past the per-head threshold
-def test_fused_sam_attention_equals_the_reference(H, W):
-    """The CUDA path (the relative-position bias as a FlexAttention score modification) against the SDPA-mask path.
-    Forward only: FlexAttention has no CPU backward; on CUDA its gradients are torch's."""
-    import warnings
-    from torch.nn.attention.flex_attention import flex_attention
-    from deepencoder.sam_vary_sdpa import fused_attention, reference_attention, relative_position_terms
+@pytest.mark.parametrize("H,W", [(14, 14), (36, 36), (10, 10)])  # window, a global grid past the per-head threshold, odd widths
+def test_folded_sam_attention_equals_the_reference_forward_and_backward(H, W):
+    """The path every device runs (the bias folded into q and k, plain SDPA) against the bias-as-mask reference: the
+    same output and the same gradients for q, k, v and both relative-position tables, and the backward is
+    deterministic: two runs are bitwise equal."""
+    from deepencoder.sam_vary_sdpa import folded_attention, reference_attention, relative_position_terms
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, H * W, 16, generator=g) for _ in range(3))
-    rel_pos_h, rel_pos_w = torch.randn(2 * H - 1, 16, generator=g), torch.randn(27, 16, generator=g)  # resized rows
-    rel_h, rel_w = relative_position_terms(q, rel_pos_h, rel_pos_w, H, W)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # "called without torch.compile": the unfused form is the point here
-        fused = fused_attention(q, k, v, rel_h, rel_w, W, flex=flex_attention)
-    torch.testing.assert_close(fused, reference_attention(q, k, v, rel_h, rel_w), rtol=1e-5, atol=1e-5)
+    inputs = [torch.randn(2, 3, H * W, 16, generator=g) for _ in range(3)]
+    tables = [torch.randn(2 * H - 1, 16, generator=g), torch.randn(27, 16, generator=g)]  # the second one resized
+    cotangent = torch.randn(2, 3, H * W, 16, generator=g)
+
+    def run(attention):
+        leaves = [t.clone().requires_grad_() for t in inputs + tables]
+        q, k, v, rel_pos_h, rel_pos_w = leaves
+        rel_h, rel_w = relative_position_terms(q, rel_pos_h, rel_pos_w, H, W)
+        out = attention(q, k, v, rel_h, rel_w)
+        (out * cotangent).sum().backward()
+        return out.detach(), [t.grad for t in leaves]
+    out, grads = run(lambda q, k, v, rel_h, rel_w: folded_attention(q, k, v, rel_h, rel_w, H, W))
+    ref_out, ref_grads = run(reference_attention)
+    assert (out - ref_out).norm() / ref_out.norm() < 1e-5
+    for grad, ref in zip(grads, ref_grads):
+        assert (grad - ref).norm() / ref.norm() < 1e-5
+    again, grads_again = run(lambda q, k, v, rel_h, rel_w: folded_attention(q, k, v, rel_h, rel_w, H, W))
+    assert torch.equal(again, out) and all(torch.equal(a, b) for a, b in zip(grads_again, grads))
+
+
+def test_compiling_the_encoder_for_every_view_count_takes_at_most_two_graphs():
+    """Views come in any number (pages per batch, tiles per page): the compiled encoder must not recompile for each.
+    The count is dynamo's own."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    encoder = tiny_encoder(3).eval()
+    encoder.compile(backend="eager")
+    with torch.no_grad():
+        for n in (1, 2, 3, 5):
+            encoder(torch.randn(n, 3, 512, 512))
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    torch._dynamo.reset()

@@ -1,6 +1,9 @@
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -221,6 +224,71 @@ def test_stage_commands_take_every_option_form_and_explain_them(tokenizer_dir):
     assert listed["warmup_steps"] == ["int", "0"] and listed["freeze_sam"] == ["bool", "True"]
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TINY_DDP = ["--encoder=tiny", "--depth=2", "--modes=tiny", "--init_encoder=random", "--num_synthetic=8", "--synthetic_kinds=formula",
+            "--synthetic_max_size=640", "--device_batch_size=1", "--num_workers=0", "--seq_len=128", "--warmup_steps=1",
+            "--eval_every=0", "--sample_count=0", "--cer_pages=0"]
+
+
+def test_two_nodes_of_one_rank_stay_identical_and_resume(tokenizer_dir):
+    """Two "nodes" on this machine, one rank each, joined by torchrun's c10d rendezvous as on a cluster."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+
+    def nodes(*extra):
+        port = free_port()
+        procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={r}",
+                                   "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                                   "--rdzv_id=two-nodes", "-m", "scripts.vis_tok_train", *TINY_DDP, f"--tokenizer={tokenizer_dir}",
+                                   "--model_tag=nodes", "--save_every=2", *extra],
+                                  cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+        outs = [p.communicate(timeout=600) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], "".join(o[0][-2000:] + o[1][-2000:] for o in outs)
+        return "".join(o[0] for o in outs)
+    first = nodes("--num_iterations=3")
+    assert "parameters identical on all 2 ranks: True" in first and "2 ranks x 1 accumulation steps" in first
+    again = nodes("--num_iterations=5", "--resume")
+    assert "resumed from" in again and "step_000003 (step 3)" in again and "parameters identical on all 2 ranks: True" in again
+    assert os.path.exists(os.path.join(checkpoint_dir("stage1", "nodes"), "step_000005", "rank001.pt"))
+
+
+def test_ranks_stop_when_their_launcher_is_killed(tokenizer_dir):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "-m", "scripts.vis_tok_train", *TINY_DDP, f"--tokenizer={tokenizer_dir}", "--model_tag=orphans",
+                                 "--num_iterations=100000", "--save_every=0"],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(launcher.stdout), daemon=True).start()
+    deadline = time.time() + 300
+    while not any(line.startswith("step 00002") for line in lines) and time.time() < deadline:
+        time.sleep(0.5)
+    assert any(line.startswith("step 00002") for line in lines), "".join(lines[-30:])  # the ranks are training
+    ranks = [int(d) for d in os.listdir("/proc") if d.isdigit() and proc_parent(int(d)) == launcher.pid]
+    assert len(ranks) == 2
+    launcher.kill()  # SIGKILL: torchrun gets no chance to stop its workers
+    launcher.wait()
+    deadline = time.time() + 20
+    while any(os.path.exists(f"/proc/{pid}") and proc_parent(pid) != 0 for pid in ranks) and time.time() < deadline:
+        time.sleep(0.5)
+    assert all(proc_parent(pid) == 0 for pid in ranks), "the ranks outlived their launcher"  # gone (or zombies)
+    assert any("its launcher" in line and "is gone" in line for line in lines)
+
+
+def proc_parent(pid):
+    """The parent pid of a process (0 once it is gone; a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return 0 if fields[0] == "Z" else int(fields[1])
+    except (OSError, IndexError):
+        return 0
+
+
 def test_the_cpu_toy_command_in_the_stage_1_docstring_runs_as_written(tmp_path):
     import scripts.vis_tok_train
     commands = scripts.vis_tok_train.__doc__.split("# CPU toy", 1)[1].split("\n", 1)[1]  # the lines after the comment
@@ -229,6 +297,9 @@ def test_the_cpu_toy_command_in_the_stage_1_docstring_runs_as_written(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "held-out CER" in out.stdout and list_checkpoints(os.path.join(tmp_path, "checkpoints", "stage1", "d4-tiny"))
+    lrms = [float(line.split("| lrm ")[1].split()[0]) for line in out.stdout.splitlines() if "| lrm " in line]
+    assert 1.0 in lrms and lrms[-1] < 1.0  # warmup ends and the schedule goes on to decay
+    assert "worker" not in out.stderr  # no more loader workers than the machine has cores
 
 
 def test_image_swaps_for_the_gap_watch():
