@@ -220,8 +220,10 @@ class Engine:
         self.tokens[:, 0] = token
 
     def step(self):
-        """decode_step, as one CUDA graph replay on a GPU: captured once per setup, the sampling generator registered."""
-        if not self.cuda_graph:
+        """decode_step, as one CUDA graph replay on a GPU: captured once per setup, the sampling generator registered
+        (a torch that cannot register one samples eagerly)."""
+        sampling = self.settings["temperature"] > 0
+        if not self.cuda_graph or sampling and not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
             return self.decode_step()
         if self.graph is None:
             state = [t.clone() for t in (self.out, self.n_out, self.recent, self.done, self.tokens, self.cache.lengths,
@@ -237,7 +239,7 @@ class Engine:
                 t.copy_(saved)
             self.rng.set_state(rng_state)
             self.graph = torch.cuda.CUDAGraph()
-            if self.settings["temperature"] > 0:  # sampling draws inside the graph from this generator
+            if sampling:  # the draws inside the graph come from this generator
                 self.graph.register_generator_state(self.rng)
             with torch.cuda.graph(self.graph):
                 self.decode_step()

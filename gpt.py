@@ -104,7 +104,7 @@ class KVCache:
     captured in a CUDA graph. Inside prefilling(rows, lengths), a forward writes new sequences (right-padded, from
     position 0, `lengths` long) into those rows; otherwise a forward decodes one token per row, at its own position.
     """
-    def __init__(self, n_layer, rows, n_kv_head, length, head_dim, device, dtype, n_embd=1):
+    def __init__(self, n_layer, rows, n_kv_head, length, head_dim, device, dtype, n_embd):
         self.k = torch.zeros(n_layer, rows, n_kv_head, length, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
@@ -393,15 +393,15 @@ class GPT(nn.Module):
         return 6 * matmul + sum(12 * h * q * (t if w is None else min(w, t)) for w in self.window_sizes)
 
     def optimizer_groups(self):
-        """Muon takes the 2-D matrices of the blocks; AdamW the rest, in nanochat's groups (lr multiplier of the
-        embedding or unembedding lr, or a fixed lr, betas and weight decay for the 2026 parts)."""
-        groups = dict(matrix=list(self.transformer.h.parameters()),
-                      embedding=list(self.transformer.wte.parameters()), lm_head=list(self.lm_head.parameters()))
-        if self.config.lambdas:
-            groups.update(value_embeds=list(self.value_embeds.parameters()), resid=[self.resid_lambdas],
-                          x0=[self.x0_lambdas], smear=[p for p in (self.smear_gate and self.smear_gate.weight,
-                                                                   self.smear_lambda, self.backout_lambda) if p is not None])
-        return groups
+        """Muon takes the 2-D matrices of the blocks; AdamW the rest: embedding, unembedding, and the 2026 parts (value
+        embeddings, the two kinds of layer lambdas, smear and backout), each group only where its parts exist."""
+        scalars = ([self.smear_gate.weight] if self.smear_gate is not None else []) + \
+            [p for p in (self.smear_lambda, self.backout_lambda) if p is not None]
+        groups = dict(matrix=list(self.transformer.h.parameters()), embedding=list(self.transformer.wte.parameters()),
+                      lm_head=list(self.lm_head.parameters()), value_embeds=list(self.value_embeds.parameters()),
+                      resid=[p for p in (self.resid_lambdas,) if p is not None],
+                      x0=[p for p in (self.x0_lambdas,) if p is not None], smear=scalars)
+        return {name: params for name, params in groups.items() if params}
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
                          extra_adamw_groups=(), adamw_lr=None):
@@ -415,22 +415,18 @@ class GPT(nn.Module):
         groups = self.optimizer_groups()
         dmodel_lr_scale = (self.config.n_embd / 768) ** -0.5
         print0(f"Scaling the LR for the AdamW parameters by 1/sqrt({self.config.n_embd}/768) = {dmodel_lr_scale:.6f}")
-        new = self.config.lambdas  # the 2026 generation's betas and weight decays, as nanochat tuned them
+        tuned = self.config.lambdas  # the 2026 generation: nanochat's betas and weight decays for it
         adam_groups = [
-            dict(params=groups["lm_head"], lr=unembedding_lr * dmodel_lr_scale, **(dict(betas=(0.8, 0.96),
-                                                                                     weight_decay=0.01) if new else {})),
-            dict(params=groups["embedding"], lr=embedding_lr * dmodel_lr_scale, **(dict(betas=(0.8, 0.995),
-                                                                                    weight_decay=0.001) if new else {})),
-        ]
-        if new:
-            adam_groups += [
-                dict(params=groups["value_embeds"], lr=embedding_lr * dmodel_lr_scale * 0.5, betas=(0.8, 0.995),
-                     weight_decay=0.01),
-                dict(params=groups["resid"], lr=0.005, weight_decay=0.05),
-                dict(params=groups["x0"], lr=0.5, betas=(0.96, 0.95)),
-                dict(params=groups["smear"], lr=0.2),
-            ]
-        adam_groups += [dict(g) for g in extra_adamw_groups]
+            dict(params=groups["lm_head"], lr=unembedding_lr * dmodel_lr_scale,
+                 **(dict(betas=(0.8, 0.96), weight_decay=0.01) if tuned else {})),
+            dict(params=groups["embedding"], lr=embedding_lr * dmodel_lr_scale,
+                 **(dict(betas=(0.8, 0.995), weight_decay=0.001) if tuned else {})),
+            dict(params=groups.get("value_embeds", []), lr=embedding_lr * dmodel_lr_scale * 0.5, betas=(0.8, 0.995),
+                 weight_decay=0.01),
+            dict(params=groups.get("resid", []), lr=0.005, weight_decay=0.05),
+            dict(params=groups.get("x0", []), lr=0.5, betas=(0.96, 0.95)),
+            dict(params=groups.get("smear", []), lr=0.2),
+        ] + [dict(g) for g in extra_adamw_groups]
         if adamw_lr is not None:
             adam_groups.append(dict(params=groups["matrix"]))
             for g in adam_groups:

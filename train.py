@@ -38,7 +38,7 @@ class TrainConfig:
     depth: int = 20                        # GPT depth when it starts from scratch (width = 64 * depth)
     encoder: str = "full"                  # full (SAM-B + CLIP-L) | tiny (CPU demo and tests)
     init_gpt: str = ""                     # nanochat checkpoint directory or HF repo; empty = from scratch
-    gpt_generation: str = "2025"           # from scratch: nanochat's 2025 GPT or its 2026 one (gpt.GENERATIONS)
+    gpt_generation: str = "2026"           # from scratch: nanochat's 2026 GPT (README: the demo measured) or its 2025 one
     init_gpt_step: int = -1                # its step; -1 = the last
     init_encoder: str = "sam+clip"         # sam+clip | deepseek | random
     sam_source: str = "facebook/sam-vit-base"

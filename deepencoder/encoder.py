@@ -67,7 +67,9 @@ class DeepEncoder(nn.Module):
             w = g if i in s.global_attn_indexes else s.window_size
             t_attn = g * g if w == g else math.ceil(g / w) ** 2 * w * w  # window blocks attend over padded windows
             sam += 2 * C * 3 * C * t_attn + 2 * C * C * t_attn            # qkv, proj
-            sam += 4 * t_attn * w * w * C + 4 * t_attn * w * C            # attention, relative-position einsums
+            head_dim = C // s.num_heads
+            folded = s.num_heads * (head_dim + 2 * w + -(head_dim + 2 * w) % 8)  # q.k with the bias folded in
+            sam += 2 * t_attn * w * w * (folded + C) + 4 * t_attn * w * C  # attention, relative-position einsums
             n_rel, n_stored = 2 * w - 1, 2 * (s.img_size // s.patch_size if w == g else s.window_size) - 1
             sam += 2 * (2 * w * w * n_stored * C // s.num_heads)          # relative-position tables (h and w)
             sam += 2 * (2 * w * w * n_rel * n_stored) if n_rel != n_stored else 0  # their resize

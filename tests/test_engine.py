@@ -21,11 +21,15 @@ def reference_bans(tokens, n, window, whitelist=()):
     return banned - set(whitelist)
 
 
+@torch.no_grad()
 def uncached_greedy(model, ids, images, max_new, stops, n=0, window=90, whitelist=()):
-    """The whole sequence, images included, recomputed for every new token: what the engine must reproduce."""
+    """The whole sequence recomputed by the GPT for every new token (the images encoded once, which changes no
+    value): what the engine must reproduce."""
     out = []
+    prompt = model.embed(torch.tensor([ids]), images)
     for _ in range(max_new):
-        logits = model(torch.tensor([ids + out]), images=images)[0, -1].float()
+        embeds = torch.cat([prompt, model.gpt.transformer.wte(torch.tensor([out], dtype=torch.long))], dim=1)
+        logits = model.gpt(torch.tensor([ids + out]), inputs_embeds=embeds)[0, -1].float()
         logits[model.image_token_id] = -float("inf")
         for t in reference_bans(out, n, window, whitelist) if n else ():
             logits[t] = -float("inf")
@@ -141,3 +145,18 @@ def test_table_cells_are_exempt_from_the_ngram_rule(tokenizer):
         "<td></td><td></td>"  # every token of the tags, and nothing of the cells
     repeated = tokenizer.encode("<td>1</td>") * 3
     assert device_bans(repeated, 3, 90) and not device_bans(repeated, 3, 90, whitelist) - set(tokenizer.encode("1"))
+
+
+def test_the_cache_is_sized_once_per_mode(make_model, tokenizer):
+    """Reading allocates the cache for the mode's largest page at once: pages of every size and prompt reuse it, and
+    a prompt past that size still fits (the cache grows, keeping the rows at work)."""
+    engine = Engine(make_model(seed=3).eval(), tokenizer, batch_size=2)
+    pages = [(i, Image.new("RGB", size, (255, 255, 255)), prompt) for i, (size, prompt) in
+             enumerate([((300, 400), "Free OCR."), ((1400, 900), "Parse the figure."), ((2000, 500), "Hi.")])]
+    dict(engine.read_iter(pages[:2], "gundam", 5))
+    cache = engine.cache
+    assert cache.k.size(3) == -(-(933 + 256 + 5) // 128) * 128  # Gundam's largest page: 273 + 6 tiles' worth
+    dict(engine.read_iter(pages, "gundam", 5))
+    assert engine.cache is cache
+    long_prompt = tokenizer.encode("word " * 1500)
+    assert len(engine.generate([long_prompt], max_new_tokens=3)[0]) <= 3 and engine.cache.k.size(3) >= len(long_prompt)

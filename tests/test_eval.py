@@ -13,7 +13,7 @@ from common import line_plot
 from engine import Engine
 from grounding import strip_grounding
 from metrics import edit_distance, normalized_edit_distance, fox_scores, exact_match
-from scripts import eval_compression, eval_fox, eval_omnidocbench, vision_sample
+from scripts import eval_compression, eval_fox, eval_omnidocbench, eval_reading, vision_sample
 from scripts.make_test_images import test_images as render_test_images
 from tasks.synthetic import SyntheticPages
 
@@ -64,7 +64,7 @@ def test_expected_texts_are_what_the_images_show():
 
 def test_vision_sample_runs_on_a_random_model(make_model, tokenizer, tmp_path, capsys):
     checkpoint = save_checkpoint(str(tmp_path / "run"), 0, make_model(), tokenizer, {})
-    rows = vision_sample.main(["--checkpoint", str(tmp_path / "run"), "--mode", "tiny", "--max_tokens", "6", "--html", str(tmp_path / "out.html")])
+    rows, _ = vision_sample.main(["--checkpoint", str(tmp_path / "run"), "--mode", "tiny", "--max_tokens", "6", "--html", str(tmp_path / "out.html")])
     out = capsys.readouterr().out
     assert len(rows) == 9 and "[9/9] mathwriting" in out and "summary: " in out
     assert out.count("EXPECTED: ") == 9 and out.count("GENERATED: ") == 9 and checkpoint in out
@@ -86,7 +86,7 @@ def test_vision_sample_reproduces_what_the_overfit_model_learned(overfit_run, tm
         shutil.copy(sample["image_path"], tmp_path / f"{i}.png")
         expected[f"{i}.png"] = dict(dataset="synthetic", prompt=sample["text"].split("\n", 1)[1], expected=sample["response"])
     (tmp_path / "expected.json").write_text(json.dumps(expected))
-    rows = vision_sample.main(["--checkpoint", summary["checkpoint"], "--images", str(tmp_path), "--mode", "tiny",
+    rows, _ = vision_sample.main(["--checkpoint", summary["checkpoint"], "--images", str(tmp_path), "--mode", "tiny",
                                "--max_tokens", "64", "--html", str(tmp_path / "page.html")])
     assert all(r["exact"] for r in rows) and f"summary: {len(rows)}/{len(rows)} exact" in capsys.readouterr().out
 
@@ -118,7 +118,8 @@ def test_fox_runner_on_a_fixture(make_model, tokenizer, tmp_path):
     pages = fox_fixture(tmp_path / "focus_benchmark_test.zip")
     loaded = eval_fox.load_pages(str(tmp_path / "focus_benchmark_test.zip"))
     assert [(n, t) for n, _, t in loaded] == pages
-    results = eval_fox.evaluate(Engine(make_model().eval(), tokenizer), loaded, ["tiny", "small"], 5, str(tmp_path / "out"))
+    results, unreadable = eval_fox.evaluate(Engine(make_model().eval(), tokenizer), loaded, ["tiny", "small"], 5, str(tmp_path / "out"))
+    assert unreadable == []
     for mode, vision in (("tiny", 73), ("small", 111)):
         saved = json.load(open(tmp_path / "out" / f"fox_en_page_{mode}.json"))
         assert [r["label"] for r in saved] == [t for _, t in pages]
@@ -135,9 +136,10 @@ def test_fox_goes_on_past_an_unreadable_page(make_model, tokenizer, tmp_path, ca
         z.extractall(tmp_path / "fox")
     first = folder / "en_pdf_png" / pages[0][0]
     first.write_bytes(first.read_bytes()[:300])  # a truncated PNG
-    results = eval_fox.evaluate(Engine(make_model().eval(), tokenizer), eval_fox.load_pages(str(tmp_path / "fox")),
-                                ["tiny"], 5, str(tmp_path / "out"))
+    results, unreadable = eval_fox.evaluate(Engine(make_model().eval(), tokenizer), eval_fox.load_pages(str(tmp_path / "fox")),
+                                            ["tiny"], 5, str(tmp_path / "out"))
     assert [r["image"] for r in results["tiny"]] == [pages[1][0]]  # the other page was read, and saved
+    assert unreadable == [pages[0][0]]  # and the one that was not is named: the command exits 1
     assert [r["image"] for r in json.load(open(tmp_path / "out" / "fox_en_page_tiny.json"))] == [pages[1][0]]
     err = capsys.readouterr().err
     assert f"{first}: cannot read image" in err and "EXIF" not in err
@@ -154,7 +156,8 @@ def test_omnidocbench_runner_on_a_fixture(make_model, tokenizer, tmp_path):
     (tmp_path / "OmniDocBench.json").write_text(json.dumps(gt))
     gt_path, pages = eval_omnidocbench.load_pages(str(tmp_path))
     assert eval_omnidocbench.page_text(pages[0][0]) == "Hello World wide 1 & 2"  # a table's cells, not its LaTeX
-    outputs = eval_omnidocbench.predict(Engine(make_model().eval(), tokenizer), pages, "tiny", 5, str(tmp_path / "md"))
+    outputs, unreadable = eval_omnidocbench.predict(Engine(make_model().eval(), tokenizer), pages, "tiny", 5, str(tmp_path / "md"))
+    assert unreadable == []
     assert os.listdir(tmp_path / "md") == ["doc_a.md"]
     assert (tmp_path / "md" / "doc_a.md").read_text() == outputs[0][1]
     scores = eval_omnidocbench.quick_scores([(gt[0], "# Hello\n\nWorld wide\n\n<table><tr><td>1 &amp; 2</td></tr></table>")])
@@ -171,3 +174,17 @@ def test_compression_study_runs(make_model, tokenizer, tmp_path):
     path = line_plot({m: [(c, 100 * p) for _, c, p, _ in curves[m]] for m in curves}, str(tmp_path / "plot.png"), "x", "y")
     drawn = np.asarray(Image.open(path).convert("RGB"))
     assert drawn.shape == (600, 900, 3) and ((drawn == (200, 40, 40)).all(-1)).sum() > 50  # the first line is drawn
+
+
+def test_the_reading_check_scores_fresh_pages_read_by_the_ocr_command(overfit_run, tmp_path, monkeypatch, capsys):
+    """Pages of each kind rendered afresh and read through scripts.ocr: a model that read them all right would
+    score 0, and the real model's reading is scored and reported per kind."""
+    _, summary = overfit_run
+    results = eval_reading.main(["--checkpoint", summary["checkpoint"], "--pages", "2", "--max_tokens", "24"])
+    assert set(results) == {"grid", "type"} and all(0 < cer <= 1 for cer in results.values())  # it reads formulas
+    assert "- held-out CER on type pages, read by scripts.ocr with its defaults: " in capsys.readouterr().out
+    truth = {os.path.basename(stem): text for kind in ("grid", "type")
+             for stem, text in eval_reading.render_pages(str(tmp_path), kind, 2, 7).items()}
+    monkeypatch.setattr(eval_reading.ocr, "main", lambda argv: ([(os.path.splitext(p)[0], truth[os.path.basename(
+        os.path.splitext(p)[0])]) for p in argv if p.endswith(".png")], []))
+    assert eval_reading.main(["--pages", "2", "--seed", "7"]) == {"grid": 0.0, "type": 0.0}

@@ -152,7 +152,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_checkpoint(tokenizer_dir, monkeypa
     run_dir = checkpoint_dir("stage1", "nan")
     assert [os.path.basename(p) for p in list_checkpoints(run_dir)] == ["step_000001", "step_000002"]
     load_model(resolve_checkpoint(run_dir))
-    assert "--skip_step=2" in capsys.readouterr().out  # the message says how to get past the batch, not "last good"
+    assert "--skip_step=2" in capsys.readouterr().err  # the message says how to get past the batch, not "last good"
     # resuming with that step's batches dropped goes on to the end (the NaN came from the third forward only)
     calls["n"] = 100
     summary = train(tiny_train_config(tokenizer_dir, model_tag="nan", num_iterations=5, save_every=1, resume=True,
@@ -181,7 +181,7 @@ def test_damaged_checkpoints_are_named_and_resume_falls_back(tokenizer_dir, caps
     with pytest.raises(checkpoint.CheckpointError, match="step_000003/model.safetensors: damaged"):
         resolve_checkpoint(run_dir, step=3)
     assert resolve_checkpoint(run_dir).endswith("step_000002")  # the newest checkpoint that verifies
-    assert "skipping step_000003" in capsys.readouterr().out
+    assert "skipping step_000003" in capsys.readouterr().err  # a warning: stderr, never inside a reader's output
     # resume takes the good one and continues from there
     resumed = train(tiny_train_config(tokenizer_dir, model_tag="damaged", num_iterations=4, save_every=1, resume=True))
     assert resumed["start_step"] == 2 and resumed["losses"][0] == first["losses"][2]
@@ -340,3 +340,4 @@ def test_the_validation_set_holds_the_cer_pages_when_part_of_it_is_text(tokenize
     val = build_tasks(cfg, "val", world_size=1)
     pages = sum("messages" not in val[i] for i in range(len(val)))
     assert 30 <= pages < len(val)  # pages enough for the CER, with text among them
+

@@ -118,7 +118,8 @@ def test_packed_rows_give_the_loss_and_gradients_of_one_sample_per_row(make_mode
     alone = [loss_and_grads(pack([sample], rows=1, seq_len=256, pad_id=tokenizer.get_bos_token_id())) for sample in samples]
     torch.testing.assert_close(loss, sum(l for l, _ in alone), rtol=1e-5, atol=1e-4)
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, sum(g[name] for _, g in alone if name in g), rtol=1e-4, atol=1e-6, msg=name)
+        ref = sum(g[name] for _, g in alone if name in g)  # fp32 sums in another order: errors scale with the largest
+        torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-6 * max(1.0, ref.abs().max().item()), msg=name)
 
 
 def test_slot_count_mismatch_is_an_error(make_model, tokenizer):
