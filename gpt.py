@@ -394,14 +394,12 @@ class GPT(nn.Module):
 
     def optimizer_groups(self):
         """Muon takes the 2-D matrices of the blocks; AdamW the rest: embedding, unembedding, and the 2026 parts (value
-        embeddings, the two kinds of layer lambdas, smear and backout), each group only where its parts exist."""
-        scalars = ([self.smear_gate.weight] if self.smear_gate is not None else []) + \
-            [p for p in (self.smear_lambda, self.backout_lambda) if p is not None]
-        groups = dict(matrix=list(self.transformer.h.parameters()), embedding=list(self.transformer.wte.parameters()),
-                      lm_head=list(self.lm_head.parameters()), value_embeds=list(self.value_embeds.parameters()),
-                      resid=[p for p in (self.resid_lambdas,) if p is not None],
-                      x0=[p for p in (self.x0_lambdas,) if p is not None], smear=scalars)
-        return {name: params for name, params in groups.items() if params}
+        embeddings, the two kinds of layer lambdas, smear and backout), empty in the 2025 generation."""
+        present = lambda *params: [p for p in params if p is not None]
+        return dict(matrix=list(self.transformer.h.parameters()), embedding=list(self.transformer.wte.parameters()),
+                    lm_head=list(self.lm_head.parameters()), value_embeds=list(self.value_embeds.parameters()),
+                    resid=present(self.resid_lambdas), x0=present(self.x0_lambdas),
+                    smear=present(self.smear_gate and self.smear_gate.weight, self.smear_lambda, self.backout_lambda))
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
                          extra_adamw_groups=(), adamw_lr=None):
@@ -421,11 +419,11 @@ class GPT(nn.Module):
                  **(dict(betas=(0.8, 0.96), weight_decay=0.01) if tuned else {})),
             dict(params=groups["embedding"], lr=embedding_lr * dmodel_lr_scale,
                  **(dict(betas=(0.8, 0.995), weight_decay=0.001) if tuned else {})),
-            dict(params=groups.get("value_embeds", []), lr=embedding_lr * dmodel_lr_scale * 0.5, betas=(0.8, 0.995),
+            dict(params=groups["value_embeds"], lr=embedding_lr * dmodel_lr_scale * 0.5, betas=(0.8, 0.995),
                  weight_decay=0.01),
-            dict(params=groups.get("resid", []), lr=0.005, weight_decay=0.05),
-            dict(params=groups.get("x0", []), lr=0.5, betas=(0.96, 0.95)),
-            dict(params=groups.get("smear", []), lr=0.2),
+            dict(params=groups["resid"], lr=0.005, weight_decay=0.05),
+            dict(params=groups["x0"], lr=0.5, betas=(0.96, 0.95)),
+            dict(params=groups["smear"], lr=0.2),
         ] + [dict(g) for g in extra_adamw_groups]
         if adamw_lr is not None:
             adam_groups.append(dict(params=groups["matrix"]))
@@ -433,7 +431,7 @@ class GPT(nn.Module):
                 g["lr"] = adamw_lr
         for g in adam_groups:
             g["params"] = [p for p in g["params"] if p.requires_grad]
-        adam_groups = [g for g in adam_groups if g["params"]]
+        adam_groups = [g for g in adam_groups if g["params"]]  # frozen parts, and the 2026 parts of a 2025 GPT
         adamw_kwargs = dict(betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
         fused = self.get_device().type == "cuda"
         AdamWFactory = DistAdamW if ddp else partial(torch.optim.AdamW, fused=fused)

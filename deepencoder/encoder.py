@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from deepencoder.build_linear import MlpProjector
 from deepencoder.clip_sdpa import VitModel, CLIPConfig
-from deepencoder.sam_vary_sdpa import ImageEncoderViT, SAMConfig
+from deepencoder.sam_vary_sdpa import ImageEncoderViT, SAMConfig, folded_width
 
 
 def tiny_encoder_configs():
@@ -67,8 +67,7 @@ class DeepEncoder(nn.Module):
             w = g if i in s.global_attn_indexes else s.window_size
             t_attn = g * g if w == g else math.ceil(g / w) ** 2 * w * w  # window blocks attend over padded windows
             sam += 2 * C * 3 * C * t_attn + 2 * C * C * t_attn            # qkv, proj
-            head_dim = C // s.num_heads
-            folded = s.num_heads * (head_dim + 2 * w + -(head_dim + 2 * w) % 8)  # q.k with the bias folded in
+            folded = s.num_heads * folded_width(C // s.num_heads, w, w)  # q.k with the bias folded in
             sam += 2 * t_attn * w * w * (folded + C) + 4 * t_attn * w * C  # attention, relative-position einsums
             n_rel, n_stored = 2 * w - 1, 2 * (s.img_size // s.patch_size if w == g else s.window_size) - 1
             sam += 2 * (2 * w * w * n_stored * C // s.num_heads)          # relative-position tables (h and w)

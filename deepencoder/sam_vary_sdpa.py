@@ -94,6 +94,11 @@ def relative_position_terms(q, rel_pos_h, rel_pos_w, H, W):
     return rel_h.reshape(B, n, H * W, H), rel_w.reshape(B, n, H * W, W)
 
 
+def folded_width(head_dim, H, W):
+    """Width of q' and k' in folded_attention: the head, one column per key row and column, padded to 8."""
+    return head_dim + H + W + -(head_dim + H + W) % 8
+
+
 def folded_attention(q, k, v, rel_h, rel_w, H, W):
     """
     Attention with the decomposed bias folded into the dot product: q' = [q / sqrt(C), rel_h, rel_w] and
@@ -105,7 +110,7 @@ def folded_attention(q, k, v, rel_h, rel_w, H, W):
     B, n, HW, C = q.shape
     key_h = F.one_hot(torch.arange(H, device=q.device).repeat_interleave(W), H)  # (HW, H): each key's row
     key_w = F.one_hot(torch.arange(W, device=q.device).repeat(H), W)            # (HW, W): each key's column
-    pad = -(C + H + W) % 8
+    pad = folded_width(C, H, W) - (C + H + W)
     q = torch.cat([q * C ** -0.5, rel_h.to(q.dtype), rel_w.to(q.dtype), q.new_zeros(B, n, HW, pad)], dim=-1)
     onehots = torch.cat([key_h, key_w, key_h.new_zeros(HW, pad)], dim=-1).to(k.dtype)
     k = torch.cat([k, onehots.expand(B, n, HW, H + W + pad)], dim=-1)

@@ -24,9 +24,9 @@ def render_pages(directory, kind, n, seed):
     expected = {}
     for i in range(n):
         image, text = READING_KINDS[kind](random.Random(f"heldout-{kind}-{seed}-{i}"))
-        path = os.path.join(directory, f"{kind}_{i:03d}.png")
-        image.save(path)
-        expected[os.path.splitext(path)[0]] = text
+        stem = os.path.join(directory, f"{kind}_{i:03d}")
+        image.save(stem + ".png")
+        expected[stem] = text
     return expected
 
 
@@ -47,7 +47,7 @@ def main(argv=None):
         for kind in kinds:
             expected = render_pages(directory, kind, args.pages, args.seed)
             with contextlib.redirect_stdout(io.StringIO()):  # the pages' text: scored here, not shown
-                read, _ = ocr.main([os.path.join(directory, f"{kind}_{i:03d}.png") for i in range(args.pages)] +
+                read, _ = ocr.main([stem + ".png" for stem in expected] +
                                    (["--checkpoint", args.checkpoint] if args.checkpoint else []) +
                                    (["--max_tokens", args.max_tokens] if args.max_tokens else []))
             texts = dict(read)

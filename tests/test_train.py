@@ -340,4 +340,3 @@ def test_the_validation_set_holds_the_cer_pages_when_part_of_it_is_text(tokenize
     val = build_tasks(cfg, "val", world_size=1)
     pages = sum("messages" not in val[i] for i in range(len(val)))
     assert 30 <= pages < len(val)  # pages enough for the CER, with text among them
-
