@@ -19,6 +19,8 @@ from deepencoder.encoder import tiny_encoder_configs  # noqa: E402
 from nano_deepseek_ocr import NanoDeepseekOCRConfig, build_model  # noqa: E402
 from scripts.tok_train import train_tokenizer  # noqa: E402
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # tests of the CUDA paths run where there is one
+
 
 @pytest.fixture(scope="session")
 def tokenizer():

@@ -15,6 +15,7 @@ from dataloader import pack, render_sample
 from image_process import DeepseekOCRProcessor, ImageError, load_image, num_image_slots, prepare_image, tile_grid
 from grounding import grounding_boxes
 from scripts.ocr import draw_boxes, main as ocr_main
+from conftest import DEVICES
 
 
 @pytest.mark.parametrize("size", [(300, 200), (640, 640), (2000, 3000), (1024, 1024), (5000, 400)])
@@ -92,11 +93,14 @@ def test_layout_order(make_model):
 
 
 @pytest.mark.parametrize("generation", ["2025", "2026"])
-def test_packed_rows_give_the_loss_and_gradients_of_one_sample_per_row(make_model, tokenizer, generation):
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_rows_give_the_loss_and_gradients_of_one_sample_per_row(make_model, tokenizer, generation, device):
     """Several samples packed into each row, kept apart by the document mask and their own positions, train exactly
     as the same samples each alone in a row: same summed loss, same gradient for every parameter (2026: smear at the
-    sample boundaries, sliding windows of 128 keys inside the longer samples)."""
-    model = make_model(seed=2, generation=generation, sequence_len=512)
+    sample boundaries, sliding windows of 128 keys inside the longer samples; CUDA: the mask is a FlexAttention
+    BlockMask). Three layers: with two, backout takes out the last layer's own output, which the final RMSNorm cannot
+    see, and its gradient is rounding noise."""
+    model = make_model(seed=2, generation=generation, sequence_len=512, n_layer=3).to(device)
     rng = np.random.default_rng(3)
     samples = []
     for (w, h), mode, response in (((700, 500), "tiny", "first page"), ((900, 600), "small", "2nd"),
@@ -109,17 +113,21 @@ def test_packed_rows_give_the_loss_and_gradients_of_one_sample_per_row(make_mode
 
     def loss_and_grads(batch):
         model.zero_grad()
-        loss = model(batch["input_ids"], batch["targets"], batch["images"], "sum", batch["doc_ids"], batch["positions"])
+        loss = model(*(batch[k].to(device) for k in ("input_ids", "targets")), batch["images"], "sum",
+                     *(batch[k].to(device) for k in ("doc_ids", "positions")))
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     packed = pack(samples, rows=2, seq_len=256, pad_id=tokenizer.get_bos_token_id())
     assert len(set(packed["doc_ids"][0].tolist()) - {-1}) == 3  # the first row really holds several samples
     loss, grads = loss_and_grads(packed)
     alone = [loss_and_grads(pack([sample], rows=1, seq_len=256, pad_id=tokenizer.get_bos_token_id())) for sample in samples]
-    torch.testing.assert_close(loss, sum(l for l, _ in alone), rtol=1e-5, atol=1e-4)
+    slack = 1 if device == "cpu" else 10  # CUDA's fused kernels sum in other orders again
+    torch.testing.assert_close(loss, sum(l for l, _ in alone), rtol=1e-5 * slack, atol=1e-4)
+    assert generation == "2025" or grads["gpt.backout_lambda"].abs().item() > 1e-3  # a gradient, not noise
     for name, grad in grads.items():
         ref = sum(g[name] for _, g in alone if name in g)  # fp32 sums in another order: errors scale with the largest
-        torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-6 * max(1.0, ref.abs().max().item()), msg=name)
+        torch.testing.assert_close(grad, ref, rtol=1e-4 * slack, atol=1e-6 * slack * max(1.0, ref.abs().max().item()),
+                                   msg=name)
 
 
 def test_slot_count_mismatch_is_an_error(make_model, tokenizer):
