@@ -15,6 +15,7 @@ import re
 import sys
 from collections.abc import Sized
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -39,8 +40,9 @@ class Engine:
         self.cuda_graph = cuda_graph and cuda
         # bf16 autocast on CUDA (weights may be fp32 while training); its cast cache cannot live inside a CUDA graph
         self.autocast = torch.autocast("cuda", torch.bfloat16, cache_enabled=False) if cuda else nullcontext()
-        # decode attends with a fixed-shape mask: a fused kernel that takes masks, not one planned per shape
-        self.kernels = sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) if cuda else nullcontext()
+        # decode attends with a fixed-shape mask: a fused kernel that takes masks, not one planned per shape (a new
+        # context each step: sdpa_kernel's cannot be entered twice)
+        self.kernels = partial(sdpa_kernel, [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) if cuda else nullcontext
         self.cache = self.graph = self.setup_key = None
 
     # ---- reading pages ---------------------------------------------------------------------------
@@ -213,7 +215,7 @@ class Engine:
         """One token for every slot, all on the device: the forward at each row's position, the choice, the record.
         Every row attends over the whole preallocated length under its mask (a split-KV decode would read only each
         row's own keys: the later fix when long pages make the cache long)."""
-        with self.autocast, self.kernels:
+        with self.autocast, self.kernels():
             logits = self.model.gpt.logits(self.model.gpt.hidden(self.tokens, kv_cache=self.cache)[:, -1])
         token = self.choose(logits, self.n_out, self.recent)
         self.cache.lengths += self.record(self.rows, token)

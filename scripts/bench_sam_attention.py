@@ -1,7 +1,8 @@
 """
 SAM's attention with its decomposed relative-position bias, three ways, at ViT-B's shapes (12 heads of 64; a global
 block over the 64 x 64 grid of a 1024-px view, and a window block: 25 windows of 14 x 14 per view): forward and
-backward time, the largest relative difference from the reference, and whether two backward passes are bitwise equal.
+backward time, the largest relative difference from the reference, and whether two backward passes are bitwise equal
+(every gradient; --deterministic: under torch.use_deterministic_algorithms, which flex cannot honour).
   reference: the bias built as an SDPA mask (one head at a time at the global grid, to bound its memory)
   folded:    the bias folded into q and k, plain SDPA (the path the model runs)
   flex:      the bias as a FlexAttention score_mod (CUDA: compiled, backward by atomic adds; CPU: forward only)
@@ -26,7 +27,7 @@ def flex_attention_with_bias(q, k, v, rel_h, rel_w, W):
 
 
 def measure(name, attention, inputs, H, W, repeats, backward):
-    """(seconds per forward[+backward], output, gradients of the bias tables)."""
+    """(seconds per forward[+backward], output, gradients of q, k, v and the bias tables)."""
     def once():
         leaves = [t.detach().clone().requires_grad_(backward) for t in inputs]
         q, k, v, rel_pos_h, rel_pos_w = leaves
@@ -34,7 +35,7 @@ def measure(name, attention, inputs, H, W, repeats, backward):
         out = attention(q, k, v, rel_h, rel_w)
         if backward:
             out.float().square().mean().backward()
-        return out.detach(), [t.grad for t in leaves[3:]] if backward else []
+        return out.detach(), [t.grad for t in leaves] if backward else []
     once()  # warm-up (compiles)
     times = []
     for _ in range(repeats):
@@ -55,9 +56,12 @@ def main():
     parser.add_argument("--views", type=int, default=2, help="1024-px views at once")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the best counts)")
+    parser.add_argument("--deterministic", action="store_true", help="under torch.use_deterministic_algorithms(True)")
     args = parser.parse_args()
+    torch.use_deterministic_algorithms(args.deterministic)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    print(f"{args.device}, {dtype}, {args.views} view(s), {torch.get_num_threads()} threads")
+    print(f"{args.device}, {dtype}, {args.views} view(s), {torch.get_num_threads()} threads"
+          + (", deterministic algorithms" if args.deterministic else ""))
     print(f"{'block':<8} {'path':<10} {'fwd+bwd ms':>11} {'vs reference':>13} {'max rel diff':>13} {'bwd bitwise':>12}")
     g = torch.Generator().manual_seed(0)
     for block, (n, side) in (("global", (args.views, 64)), ("window", (25 * args.views, 14))):
@@ -71,7 +75,10 @@ def main():
         results = {}
         for name, attention in paths.items():
             backward = args.device == "cuda" or name != "flex"  # CPU flex has no backward
-            results[name] = measure(name, attention, inputs, side, side, args.repeats, backward)
+            try:
+                results[name] = measure(name, attention, inputs, side, side, args.repeats, backward)
+            except RuntimeError as e:  # an op with no deterministic form refuses deterministic mode
+                print(f"{block:<8} {name:<10} refused: {str(e).splitlines()[0][:90]}")
         ref_seconds, (ref_out, _), _ = results["reference"]
         for name, (seconds, (out, _), deterministic) in results.items():
             diff = ((out.float() - ref_out.float()).abs().max() / ref_out.float().abs().max()).item()

@@ -93,7 +93,7 @@ def encoder_and_gpt_seconds(model, cfg, tokenizer, device):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=12, help="training steps to time per stage")
-    parser.add_argument("--device_batch_size", type=int, default=8, help="rows of seq_len tokens")
+    parser.add_argument("--device_batch_size", type=int, default=2, help="rows of seq_len tokens (8 ran out of 140 GB)")
     parser.add_argument("--num_workers", type=int, default=12, help="loader worker processes")
     parser.add_argument("--compile", type=int, default=1, help="1: torch.compile the encoder and the GPT")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: a dry run of the script")

@@ -60,6 +60,15 @@ def informative(gpt):
     return gpt
 
 
+@pytest.fixture
+def exact_fp32():
+    """fp32 on CUDA without TF32 (cuDNN's default for convolutions, compute_init's for matmuls), restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tokenizer, tmp_path_factory):
     path = tmp_path_factory.mktemp("tokenizer")

@@ -94,7 +94,8 @@ def test_layout_order(make_model):
 
 @pytest.mark.parametrize("generation", ["2025", "2026"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_packed_rows_give_the_loss_and_gradients_of_one_sample_per_row(make_model, tokenizer, generation, device):
+def test_packed_rows_give_the_loss_and_gradients_of_one_sample_per_row(make_model, tokenizer, generation, device,
+                                                                        exact_fp32):
     """Several samples packed into each row, kept apart by the document mask and their own positions, train exactly
     as the same samples each alone in a row: same summed loss, same gradient for every parameter (2026: smear at the
     sample boundaries, sliding windows of 128 keys inside the longer samples; CUDA: the mask is a FlexAttention
