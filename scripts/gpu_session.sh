@@ -19,7 +19,7 @@ else
   GEN="--depth 20 --encoder full --device cuda --vocab_size 65536"
 fi
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee "$OUT/versions.txt"
-timeout 130 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_vlm.py -k cuda 2>&1 \
+timeout 130 python3 -m pytest -q -n 0 -p no:cacheprovider -rs tests/test_cuda.py tests/test_vlm.py -k cuda 2>&1 \
   | tee "$OUT/cuda_tests.txt"
 timeout 280 python3 -m scripts.gpu_check $CHECK 2>&1 | tee "$OUT/gpu_check.txt" | grep -v "^step "
 timeout 100 python3 -m scripts.bench_generate $GEN 2>&1 | tee "$OUT/generate.txt"

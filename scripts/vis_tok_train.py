@@ -7,7 +7,7 @@ newline/separator, GPT) on vision data only, seq_len 4096, warmup + cosine.
   # CPU toy: a tokenizer, then a tiny model from random initialisation on reading pages
   python -m scripts.tok_train --vocab_size=2048
   python -m scripts.vis_tok_train --encoder=tiny --depth=4 --modes=tiny --init_encoder=random --data=reading \
-      --seq_len=512 --num_iterations=10 --warmup_steps=4 --eval_every=10 --cer_pages=4
+      --seq_len=512 --num_iterations=10 --warmup_steps=4 --eval_every=10 --eval_batches=1 --cer_pages=4
 """
 from common import parse_overrides, run_command
 from train import TrainConfig, train

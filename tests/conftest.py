@@ -1,4 +1,6 @@
-"""Tests run on the CPU, offline, with every file under a temporary base directory."""
+"""Tests run on the CPU, offline, with every file under a temporary base directory. Under pytest-xdist (the test
+command runs one worker per core) each worker has a directory of its own and one thread, and the long learning test
+starts first, so the other workers share out the rest meanwhile."""
 import atexit
 import os
 import shutil
@@ -10,9 +12,17 @@ os.environ["WANDB_MODE"] = "disabled"
 if "NANO_DEEPSEEK_OCR_DIR" not in os.environ:  # a base directory of the session's own, removed when it ends
     os.environ["NANO_DEEPSEEK_OCR_DIR"] = tempfile.mkdtemp(prefix="ndo-tests-")
     atexit.register(shutil.rmtree, os.environ["NANO_DEEPSEEK_OCR_DIR"], ignore_errors=True)
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:  # checkpoints of two tests that run at once must not meet; one thread per worker, its subprocesses too
+    os.environ["NANO_DEEPSEEK_OCR_DIR"] = os.path.join(os.environ["NANO_DEEPSEEK_OCR_DIR"], WORKER)
+    os.makedirs(os.environ["NANO_DEEPSEEK_OCR_DIR"], exist_ok=True)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if WORKER:
+    torch.set_num_threads(1)
 
 from gpt import GENERATIONS, GPTConfig  # noqa: E402
 from deepencoder.encoder import tiny_encoder_configs  # noqa: E402
@@ -93,3 +103,8 @@ def overfit_run(tokenizer_dir):
     from train import train
     cfg = tiny_train_config(tokenizer_dir, model_tag="overfit", depth=4, device_batch_size=3, num_iterations=70, warmup_steps=10)
     return cfg, train(cfg)
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked `long` first: a worker takes each at once and the others run everything else meanwhile."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)

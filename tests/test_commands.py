@@ -180,7 +180,7 @@ def test_checkpoint_files_share_their_permissions(tmp_path, make_model, tokenize
 def test_a_test_session_leaves_no_base_directory_behind(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "NANO_DEEPSEEK_OCR_DIR"}
     env.update(TMPDIR=str(tmp_path), PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
                           "tests/test_eval.py::test_edit_distance_by_hand"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-2000:]
     assert not [n for n in os.listdir(tmp_path) if n.startswith("ndo-tests-")]
