@@ -336,13 +336,44 @@ def render_type(rng, size=512, lines=3):
     return image, "\n".join(text)
 
 
-READING_KINDS = {"grid": render_reading, "type": render_type}
+def render_bridge(rng, size=512, lines=3, difficulty=None):
+    """Pages between grid and type, at a difficulty d (drawn uniformly in [0, 1] unless given): d = 0 lays out a grid
+    page (monospace 100 px, a character per 64 px cell, lines on fixed rows), d = 1 a type page (44-60 px type, loose
+    layout); in between the type shrinks, the lines and the margin drift, and the font is proportional with
+    probability d. A curriculum's middle: a model that reads grid pages keeps looking while the type changes."""
+    d = rng.random() if difficulty is None else difficulty
+    px = round(100 + d * (rng.randint(44, 60) - 100))
+    mono = rng.random() >= d
+    fnt = font(px, "mono" if mono else rng.choice(("sans", "serif")))
+    advance = 64 + d * (fnt.getlength("0") - 64)  # monospace: the grid's 64 px cell shrinking to the font's own
+    pitch = 128 + d * (rng.uniform(1.6, 2.2) * px - 128)
+    margin = round(4 + d * (rng.randint(8, 40) - 4))
+    top = round(64 + d * (rng.randint(8, max(8, int(size - pitch * (lines - 1) - 1.3 * px))) - 64))
+
+    def right_edge(line):
+        return margin + (advance * (len(line) - 1) + fnt.getlength("0") if mono else fnt.getlength(line))
+    text = []
+    for _ in range(lines):
+        line = " ".join(reading_lines(rng, lines=1, width=round(8 + d * (rng.randint(13, 17) - 8)), min_chars=1))
+        while right_edge(line) > size:  # a line always fits the page
+            line = line.rsplit(" ", 1)[0] if " " in line else line[:-1]
+        text.append(line)
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for i, line in enumerate(text):
+        for k, piece in enumerate(line if mono else [line]):  # monospace glyphs at the advance; type as set
+            draw.text((margin + advance * k, top + pitch * i), piece, font=fnt, fill=(0, 0, 0))
+    return image, "\n".join(text)
+
+
+READING_KINDS = {"grid": render_reading, "type": render_type, "bridge": render_bridge}
 
 
 class SyntheticReading(Task):
     """
     Pages of plain text lines made on the fly where they are loaded and never stored: a stream too large to
-    memorise. kind: "grid" (render_reading: one character per feature cell) or "type" (render_type: ordinary type).
+    memorise. kind: "grid" (render_reading: one character per feature cell), "type" (render_type: ordinary type) or
+    "bridge" (render_bridge: anywhere between the two).
     (seed, index) fixes each page, so another seed is a held-out set.
     """
     def __init__(self, num_samples=1_000_000, seed=0, size=512, kind="grid", **kwargs):

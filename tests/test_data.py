@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset, Features, Image as ImageFeature, Sequence, Value
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from config import DOC_TO_MARKDOWN, FORMULA_TO_LATEX, MARKDOWN_NO_GROUNDING, PARSE_FIGURE
 from dataloader import VisionDataLoader
@@ -30,7 +30,7 @@ from tasks.olmocr import OlmOCR
 from tasks.plotqa import PlotQA
 from tasks.pubtables import PubTables
 from tasks.smoltalk import SmolTalk
-from tasks.synthetic import SyntheticPages, make_sample, render_table
+from tasks.synthetic import READING_KINDS, SyntheticPages, font, make_sample, render_bridge, render_table
 
 
 @pytest.fixture(autouse=True)
@@ -405,6 +405,35 @@ def test_synthetic_is_deterministic_per_seed():
     assert a[1:] == b[1:] and np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
     assert a[1:] != c[1:]
     assert make_sample(0, 3, kinds=("formula",))[1:] == (FORMULA_TO_LATEX, r"\alpha^{3}")  # a fixed (seed, index) never drifts
+
+
+@pytest.mark.parametrize("kind", list(READING_KINDS))
+def test_reading_pages_are_seeded_and_their_lines_fit(kind):
+    """Every kind of reading page: the same rng gives the same page; random letter strings and numbers, three lines,
+    each on the page whole (no ink on its last two rows or columns; grid pages set their widest glyphs flush with the
+    right edge, by design)."""
+    for i in range(40):
+        image, text = READING_KINDS[kind](random.Random(f"fit-{i}"))
+        again, text_again = READING_KINDS[kind](random.Random(f"fit-{i}"))
+        assert text == text_again and np.array_equal(np.asarray(image), np.asarray(again))
+        lines = text.split("\n")
+        assert len(lines) == 3 and all(lines) and re.fullmatch(r"[a-z0-9 \n]+", text)
+        ink = np.asarray(image.convert("L")) < 128
+        assert ink.any() and not ink[-2:].any() and (kind == "grid" or not ink[:, -2:].any()), (kind, i, text)
+
+
+def test_bridge_pages_run_from_the_grid_layout_to_ordinary_type():
+    """Difficulty 0 is the grid's layout exactly (monospace 100 px, a character per 64 px cell, a line every 128 px
+    from 64); difficulty 1 is type: proportional fonts, about 15 characters a line."""
+    image, text = render_bridge(random.Random(3), difficulty=0.0)
+    grid = Image.new("RGB", image.size, (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, line in enumerate(text.split("\n")):
+        for k, ch in enumerate(line):
+            draw.text((64 * k + 4, 64 + 128 * i), ch, font=font(100, "mono"), fill=(0, 0, 0))
+    assert np.array_equal(np.asarray(image), np.asarray(grid))
+    lengths = [len(line) for i in range(20) for line in render_bridge(random.Random(i), difficulty=1.0)[1].split("\n")]
+    assert max(len(line) for line in text.split("\n")) <= 8 and 12 <= sum(lengths) / len(lengths) <= 17
 
 
 def bars_from_image(image):
