@@ -388,8 +388,7 @@ def train(cfg, prebuilt=None):
     # ---- the loop ----
     train_iter = iter(loader)
     summary = dict(losses=[], steps=[], val_loss=None, similarity=[], samples=[], cer=[], cer_by_kind=[],
-                   start_step=start_step, cer_before=init_meta.get("heldout_cer") if cfg.init_from else None,
-                   **trained_on(cfg, init_meta),
+                   start_step=start_step, **trained_on(cfg, init_meta),
                    n_params=n_params, n_train=n_train, origin=origin, skipped_samples=[])
     t_start, dt_ema, step = time.time(), None, start_step
     while True:
@@ -565,10 +564,10 @@ def write_report(cfg, summary):
                    "training CER": [(s, t) for s, _, t, _ in summary["cer"]]},
                   os.path.join(base_dir(), curve), "step", "character error rate")
         lines += [f"- held-out CER: {heldout:.3f} ({n} pages)", f"- training CER: {training:.3f} ({n} pages)"]
-        before = summary["cer_before"]
-        if before is not None and heldout > before:
-            lines.append(f"- **this stage made the held-out CER worse**: {before:.3f} in the checkpoint it started "
-                         f"from, {heldout:.3f} after it")
+        first_step, before = summary["cer"][0][:2]
+        if cfg.init_from and first_step == 0 and heldout > before:  # the same pages, read before the first step
+            lines.append(f"- **this stage made the held-out CER worse**: {before:.3f} before its first step, "
+                         f"{heldout:.3f} after it")
         lines += [f"- held-out CER on {kind} pages: {h:.3f} ({k} pages); training CER {t:.3f}"
                   for kind, (h, t, k) in summary["cer_by_kind"][-1][1].items()]
         lines += [
