@@ -315,6 +315,14 @@ def render_reading(rng, size=512):
     return image, "\n".join(lines)
 
 
+def cut_to_fit(line, fits):
+    """The line cut back a word at a time (a character at a time once one word is left) until fits(line): a line
+    always fits the page."""
+    while not fits(line):
+        line = line.rsplit(" ", 1)[0] if " " in line else line[:-1]
+    return line
+
+
 def render_type(rng, size=512, lines=3):
     """Ordinary type: `lines` lines of random letter strings and numbers (about 15 characters each) in DejaVu Sans or
     Serif at 44-60 px, a left margin of 8-40 px, lines 1.6-2.2 font sizes apart: proportional glyphs wherever they
@@ -326,9 +334,7 @@ def render_type(rng, size=512, lines=3):
     text = []
     for _ in range(lines):
         line = " ".join(reading_lines(rng, lines=1, width=rng.randint(13, 17), min_chars=1))
-        while fnt.getlength(line) > size - margin - 4:  # a line always fits the page
-            line = line.rsplit(" ", 1)[0] if " " in line else line[:-1]
-        text.append(line)
+        text.append(cut_to_fit(line, lambda s: fnt.getlength(s) <= size - margin - 4))
     image = Image.new("RGB", (size, size), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     for i, line in enumerate(text):
@@ -355,9 +361,7 @@ def render_bridge(rng, size=512, lines=3, difficulty=None):
     text = []
     for _ in range(lines):
         line = " ".join(reading_lines(rng, lines=1, width=round(8 + d * (rng.randint(13, 17) - 8)), min_chars=1))
-        while right_edge(line) > size:  # a line always fits the page
-            line = line.rsplit(" ", 1)[0] if " " in line else line[:-1]
-        text.append(line)
+        text.append(cut_to_fit(line, lambda s: right_edge(s) <= size))
     image = Image.new("RGB", (size, size), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     for i, line in enumerate(text):
