@@ -13,16 +13,15 @@ if "NANO_DEEPSEEK_OCR_DIR" not in os.environ:  # a base directory of the session
     os.environ["NANO_DEEPSEEK_OCR_DIR"] = tempfile.mkdtemp(prefix="ndo-tests-")
     atexit.register(shutil.rmtree, os.environ["NANO_DEEPSEEK_OCR_DIR"], ignore_errors=True)
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")
-if WORKER:  # checkpoints of two tests that run at once must not meet; one thread per worker, its subprocesses too
+# under xdist: checkpoints of two tests that run at once must not meet; one thread per worker and its subprocesses
+# (torch reads OMP_NUM_THREADS when it is imported, below)
+if WORKER:
     os.environ["NANO_DEEPSEEK_OCR_DIR"] = os.path.join(os.environ["NANO_DEEPSEEK_OCR_DIR"], WORKER)
     os.makedirs(os.environ["NANO_DEEPSEEK_OCR_DIR"], exist_ok=True)
     os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-if WORKER:
-    torch.set_num_threads(1)
 
 from gpt import GENERATIONS, GPTConfig  # noqa: E402
 from deepencoder.encoder import tiny_encoder_configs  # noqa: E402
