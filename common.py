@@ -6,7 +6,9 @@ import dataclasses
 import difflib
 import inspect
 import io
+import math
 import os
+import re
 import sys
 import textwrap
 import threading
@@ -32,10 +34,15 @@ class UserError(Exception):
 def run_command(main, *args):
     """A command's entry point: a UserError ends it with its message alone, exit status 1, no traceback."""
     try:
-        return main(*args)
+        result = main(*args)
+        sys.stdout.flush()
+        return result
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
+    except BrokenPipeError:  # the reader of stdout has gone (--help | head): the rest goes unsaid, not a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0)
 
 
 def get_dist_info():
@@ -63,9 +70,19 @@ def autodetect_device_type():
     return "cpu"
 
 
-def autocast_context(device):
-    """bf16 autocast on CUDA, plain fp32 elsewhere: the one precision policy for training and inference."""
-    return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def compute_dtype(device):
+    """The dtype a device computes in: bf16 on CUDA, fp32 elsewhere. The one precision rule: training autocasts to it,
+    and the engine and the evals read with weights and KV cache in it."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def autocast_context(device, cache_enabled=True):
+    """Autocast to the device's compute dtype, or nothing where that is fp32. cache_enabled=False inside a CUDA graph,
+    where autocast's cast cache cannot live."""
+    dtype = compute_dtype(device)
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype, cache_enabled=cache_enabled)
 
 
 @lru_cache(maxsize=None)
@@ -137,20 +154,42 @@ def reduce_scatter_mean(output, inputs):
 
 
 def field_comments(cls):
-    """{field name: the comment after it} in a dataclass's source: what --help says about each option."""
-    comments, line_start = {}, None
-    try:
-        tokens = tokenize.generate_tokens(io.StringIO(textwrap.dedent(inspect.getsource(cls))).readline)
-        for tok in tokens:
-            if tok.type == tokenize.NAME and tok.start[1] == 4 and line_start is None:
-                line_start = tok.string
-            elif tok.type == tokenize.COMMENT and line_start:
-                comments[line_start] = tok.string.lstrip("# ")
-            elif tok.type in (tokenize.NEWLINE, tokenize.NL):
-                line_start = None
-    except (OSError, TypeError, tokenize.TokenError):
-        pass
+    """{field name: the comment after it} in a dataclass's source, its bases' included: what --help says of each
+    option."""
+    comments = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        line_start = None
+        try:
+            tokens = tokenize.generate_tokens(io.StringIO(textwrap.dedent(inspect.getsource(klass))).readline)
+            for tok in tokens:
+                if tok.type == tokenize.NAME and tok.start[1] == 4 and line_start is None:
+                    line_start = tok.string
+                elif tok.type == tokenize.COMMENT and line_start:
+                    comments[line_start] = tok.string.lstrip("# ")
+                elif tok.type in (tokenize.NEWLINE, tokenize.NL):
+                    line_start = None
+        except (OSError, TypeError, tokenize.TokenError):
+            pass
     return comments
+
+
+def choice(default, allowed, many=False, weighted=False):
+    """A config field that takes one of `allowed`, declared beside it; many: a comma-separated list of them;
+    weighted: each may carry a positive :weight (grid:1,type:3). check_choices holds every field to it."""
+    return dataclasses.field(default=default, metadata=dict(allowed=tuple(allowed), many=many, weighted=weighted))
+
+
+def check_choices(cfg):
+    """Each choice field of a config holds allowed values, or a UserError names the field and what it takes."""
+    for f in (f for f in dataclasses.fields(cfg) if "allowed" in f.metadata):
+        value, m = getattr(cfg, f.name), f.metadata
+        for part in value.split(",") if m["many"] else [value]:
+            name, _, weight = part.partition(":") if m["weighted"] else (part, "", "")
+            positive = not weight or re.fullmatch(r"\d*\.?\d+", weight) and float(weight) > 0
+            if name not in m["allowed"] or not positive:
+                form = " (a comma-separated list" + (", each with an optional :weight)" if m["weighted"] else ")")
+                raise UserError(f"--{f.name}={value}: {part!r} is not one of "
+                                f"{', '.join(a or repr(a) for a in m['allowed'])}{form if m['many'] else ''}")
 
 
 def parse_overrides(cfg, argv=None, description=""):
@@ -162,10 +201,14 @@ def parse_overrides(cfg, argv=None, description=""):
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     if "-h" in argv or "--help" in argv:
         comments = field_comments(type(cfg))
-        print(description.strip() + "\n\noptions (--key=value, --key value, or --flag for a true bool):")
-        for name in fields:
-            value = getattr(cfg, name)
-            print(f"  --{name:<26} {type(value).__name__:<5} {value!r:<32} {comments.get(name, '')}".rstrip())
+        try:
+            print(description.strip() + "\n\noptions (--key=value, --key value, or --flag for a true bool):")
+            for name in fields:
+                value = getattr(cfg, name)
+                print(f"  --{name:<26} {type(value).__name__:<5} {value!r:<32} {comments.get(name, '')}".rstrip())
+            sys.stdout.flush()
+        except BrokenPipeError:  # --help | head: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(0)
     i = 0
     while i < len(argv):
@@ -195,6 +238,10 @@ def parse_overrides(cfg, argv=None, description=""):
             raise SystemExit(f"--{key} takes {kind}, got {value!r}") from None
         setattr(cfg, key, value)
         i += 1
+    try:  # a value outside a field's declared choices stops here, before anything slow
+        check_choices(cfg)
+    except UserError as e:
+        raise SystemExit(str(e)) from None
     return cfg
 
 
@@ -208,35 +255,54 @@ class DummyWandb:
 
 
 def append_report(title, lines):
-    """Add a section to report.md in the base directory (speedrun.sh starts it afresh and copies it out at the end)."""
+    """This section of report.md in the base directory (speedrun.sh starts it afresh and copies it out at the end):
+    written again in its place when a command runs twice, before the closing wall time otherwise. Paths under the
+    base directory are written relative to it, not as on the machine that trained."""
     path = os.path.join(base_dir(), "report.md")
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(f"\n## {title}\n\n" + "\n".join(lines) + "\n")
+    section = f"## {title}\n\n" + "\n".join(lines).replace(base_dir() + os.sep, "") + "\n"
+    header, *sections = re.split(r"\n(?=## )", open(path, encoding="utf-8").read() if os.path.exists(path) else "")
+    titles = [s.split("\n", 1)[0] for s in sections]
+    if f"## {title}" in titles:
+        sections[titles.index(f"## {title}")] = section
+    else:
+        sections.insert(titles.index("## Wall time") if "## Wall time" in titles else len(sections), section)
+    with atomic_open(path, encoding="utf-8") as f:
+        f.write(header + "".join("\n" + s for s in sections))
     return path
 
 
-def line_plot(series, path, x_label, y_label):
-    """A PNG line chart, drawn with Pillow, of {name: [(x, y), ...]}: one coloured line (and legend entry) per name."""
+def nice_ticks(high, count=5):
+    """Round tick values from 0 to at least `high`: steps of 1, 2 or 5 times a power of ten."""
+    raw = max(high, 1e-9) / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    return [step * k for k in range(math.ceil(max(high, 1e-9) / step) + 1)]
+
+
+def line_plot(series, path, x_label, y_label, title=""):
+    """A PNG line chart, drawn with Pillow, of {name: [(x, y), ...]}: one coloured line (and legend entry) per name,
+    round ticks from zero, the title above."""
     from PIL import Image, ImageDraw, ImageFont
-    W, H, m = 900, 600, 70
+    W, H, m = 900, 600, 80
     colours = [(200, 40, 40), (40, 90, 200), (30, 150, 60), (200, 130, 0), (120, 40, 160)]
     image = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(image)
     f = ImageFont.load_default(size=16)
     points = [p for pts in series.values() for p in pts]
-    x0, x1 = min([x for x, _ in points] + [0]), max([x for x, _ in points] + [1e-9]) * 1.05
-    y1 = max([y for _, y in points] + [1e-9]) * 1.1
+    x_ticks = nice_ticks(max([x for x, _ in points] + [0]))
+    y_ticks = nice_ticks(max([y for _, y in points] + [0]) or 1)  # all zero: a 0 to 1 axis, not 0 to 1e-9
 
     def xy(x, y):
-        return m + (W - 2 * m) * (x - x0) / (x1 - x0), H - m - (H - 2 * m) * y / y1
+        return m + (W - 2 * m) * x / x_ticks[-1], H - m - (H - 2 * m) * y / y_ticks[-1]
     d.line((m, H - m, W - m, H - m), fill=(0, 0, 0), width=2)
     d.line((m, m, m, H - m), fill=(0, 0, 0), width=2)
-    for k in range(6):
-        d.text((m - 55, xy(0, y1 * k / 5)[1] - 8), f"{y1 * k / 5:.3g}", font=f, fill=(0, 0, 0))
-        x = x0 + (x1 - x0) * k / 5
-        d.text((xy(x, 0)[0] - 10, H - m + 8), f"{x:.3g}", font=f, fill=(0, 0, 0))
-    d.text((W // 2 - 100, H - 30), x_label, font=f, fill=(0, 0, 0))
+    for y in y_ticks:  # labels left of the axis, x labels below it: none on the line
+        d.text((m - 12, xy(0, y)[1]), f"{y:g}", font=f, fill=(0, 0, 0), anchor="rm")
+    for x in x_ticks:
+        d.text((xy(x, 0)[0], H - m + 12), f"{x:g}", font=f, fill=(0, 0, 0), anchor="mt")
+    d.text((W // 2, H - 24), x_label, font=f, fill=(0, 0, 0), anchor="mm")
     d.text((10, 20), y_label, font=f, fill=(0, 0, 0))
+    d.text((W // 2, 20), title, font=f, fill=(0, 0, 0), anchor="mm")
     for i, (name, pts) in enumerate(series.items()):
         colour = colours[i % len(colours)]
         line = [xy(x, y) for x, y in pts]

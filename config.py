@@ -4,14 +4,18 @@ Everything here is a fact other files rely on; change a value here, not at the c
 """
 import os
 
-# DeepSeek-OCR's resolution modes. base_size is the global view, image_size the Gundam tile size.
-# pad=True: aspect-preserving centered pad to a square; pad=False: plain resize to a square.
+# Resolution modes: DeepSeek-OCR's (encoder v1) and DeepSeek-OCR 2's (v2: its one mode, the same without tiles, and a
+# 512-px one for the CPU demo). base_size is the global view, image_size the tile size; pad=True: aspect-preserving
+# centered pad to a square, pad=False: plain resize to a square; crop: tiles when the image is larger than one.
 MODES = {
-    "tiny":   dict(base_size=512,  image_size=512,  pad=False, crop=False),
-    "small":  dict(base_size=640,  image_size=640,  pad=False, crop=False),
-    "base":   dict(base_size=1024, image_size=1024, pad=True,  crop=False),
-    "large":  dict(base_size=1280, image_size=1280, pad=True,  crop=False),
-    "gundam": dict(base_size=1024, image_size=640,  pad=True,  crop=True),
+    "tiny":    dict(base_size=512,  image_size=512,  pad=False, crop=False, encoder="v1"),
+    "small":   dict(base_size=640,  image_size=640,  pad=False, crop=False, encoder="v1"),
+    "base":    dict(base_size=1024, image_size=1024, pad=True,  crop=False, encoder="v1"),
+    "large":   dict(base_size=1280, image_size=1280, pad=True,  crop=False, encoder="v1"),
+    "gundam":  dict(base_size=1024, image_size=640,  pad=True,  crop=True,  encoder="v1"),
+    "v2":      dict(base_size=1024, image_size=768,  pad=True,  crop=True,  encoder="v2"),
+    "v2-base": dict(base_size=1024, image_size=1024, pad=True,  crop=False, encoder="v2"),
+    "v2-tiny": dict(base_size=512,  image_size=512,  pad=False, crop=False, encoder="v2"),
 }
 PATCH_SIZE = 16          # SAM patch size
 COMPRESSION = 4          # net_2 and net_3 each halve the SAM grid: 16x fewer tokens
@@ -37,6 +41,12 @@ IMAGE_TOKEN = "<image>"
 GROUNDING_TOKENS = ["<|grounding|>", "<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>"]
 VISION_TOKENS = [IMAGE_TOKEN] + GROUNDING_TOKENS
 STOP_TOKEN = "<|assistant_end|>"
+
+
+def image_prompt(prompt):
+    """A vision sample's text: its image, a newline, the prompt (DeepSeek-OCR's layout). A prompt that places its
+    <image> itself is kept as it is."""
+    return prompt if IMAGE_TOKEN in prompt else f"{IMAGE_TOKEN}\n{prompt}"
 
 
 def base_dir(*parts):

@@ -4,7 +4,7 @@ seq_len tokens (next-fit: a sample that does not fit starts the next row), every
 (doc_ids, -1 on padding) and its position within it, so attention stays inside a sample (a document mask) and
 rotary positions restart. A batch is batch_size rows: its size is counted in tokens. Targets are -1 at image
 slots, prompts and padding. Each rank reads a disjoint shard of a per-epoch permutation; images decode in worker
-processes and travel as uint8 (normalised on the device); bad samples are skipped, counted and named;
+processes and travel as uint8 ProcessedImages (the encoder normalises them); bad samples are skipped, counted and named;
 state_dict() resumes exactly where it stopped.
 """
 from collections import Counter
@@ -36,20 +36,17 @@ def render_sample(sample, tokenizer, processor, max_tokens):
     except ImageError as e:
         return dict(skip="missing image" if "no such file" in str(e) else "unreadable image", detail=str(e))
     try:
-        counts = [image["num_image_tokens"]]
-        prompt = tokenizer.render_vision_pretraining(sample["text"], max_tokens, counts)[0]
-        ids, _ = tokenizer.render_vision_pretraining(sample["text"], max_tokens, counts, response=response)
+        ids, mask = tokenizer.render_vision_sample(sample["text"], response, [image.slots], max_tokens)
     except ImageBlockTooLong as e:
         return dict(skip="image does not fit seq_len", detail=f"{name}: {e}")
-    mask = [0] * len(prompt) + [1] * (len(ids) - len(prompt))  # the prompt is given at inference, not learned
-    return dict(ids=ids, mask=mask[:len(ids)], images=[image])
+    return dict(ids=ids, mask=mask, images=[image])
 
 
 class SampleDataset(torch.utils.data.Dataset):
     """Map-style view of a task that renders samples (image decode + preprocessing + tokenization), in workers."""
     def __init__(self, task, tokenizer, modes, max_tokens):
         self.task, self.tokenizer, self.max_tokens = task, tokenizer, max_tokens
-        self.processors = [DeepseekOCRProcessor(m, uint8=True) for m in modes]
+        self.processors = [DeepseekOCRProcessor(m) for m in modes]
 
     def __len__(self):
         return len(self.task)

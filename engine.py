@@ -9,37 +9,49 @@ to hand back finished pages and give their slots to the next ones (continuous ba
   texts = engine.read(images, "Free OCR.", mode="base", max_new_tokens=512)
   for key, text in engine.read_iter(pages, "base", 512): ...   # pages: (key, PIL image, prompt), any length
 """
-import argparse
 import itertools
 import re
-import sys
 from collections.abc import Sized
 from contextlib import nullcontext
 from functools import partial
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm import tqdm
 
-from checkpoint import load_model, resolve_checkpoint
-from common import autodetect_device_type
-from config import IMAGE_TOKEN, MODES
+from common import autocast_context, compute_dtype
+from config import image_prompt
 from gpt import KVCache
-from image_process import DeepseekOCRProcessor, ImageError, max_image_slots
+from image_process import DeepseekOCRProcessor, max_image_slots
 
 
 PROMPT_TEXT_TOKENS = 256  # room for a prompt's text beside its image slots when the cache is sized
 
 
+class Slots:
+    """What each of S slots holds on the device while it decodes: its generated tokens (out) and their count (n_out),
+    its last W tokens (recent, for the n-gram rule), whether it is finished (done), its next input token (tokens)."""
+    def __init__(self, S, max_new_tokens, W, device):
+        self.out = torch.zeros(S, max_new_tokens, dtype=torch.long, device=device)
+        self.n_out = torch.zeros(S, dtype=torch.long, device=device)
+        self.recent = torch.zeros(S, W, dtype=torch.long, device=device)
+        self.done = torch.ones(S, dtype=torch.bool, device=device)  # every slot free
+        self.tokens = torch.zeros(S, 1, dtype=torch.long, device=device)
+        self.rows = torch.arange(S, device=device)
+
+    def tensors(self):
+        """What a decode step changes."""
+        return self.out, self.n_out, self.recent, self.done, self.tokens
+
+
 class Engine:
     def __init__(self, model, tokenizer, batch_size=64, sync_every=8, cuda_graph=True):
         self.model, self.tokenizer = model, tokenizer
-        self.device = model.image_newline.device
+        self.device = model.device
         self.batch_size, self.sync_every = batch_size, sync_every
         cuda = self.device.type == "cuda"
         self.cuda_graph = cuda_graph and cuda
-        # bf16 autocast on CUDA (weights may be fp32 while training); its cast cache cannot live inside a CUDA graph
-        self.autocast = torch.autocast("cuda", torch.bfloat16, cache_enabled=False) if cuda else nullcontext()
+        # the weights may be fp32 while training; autocast's cast cache cannot live inside a CUDA graph
+        self.autocast = autocast_context(self.device, cache_enabled=False)
         # decode attends with a fixed-shape mask: a fused kernel that takes masks, not one planned per shape (a new
         # context each step: sdpa_kernel's cannot be entered twice)
         self.kernels = partial(sdpa_kernel, [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) if cuda else nullcontext
@@ -50,14 +62,12 @@ class Engine:
     def read_iter(self, pages, mode="base", max_new_tokens=512, count=None, **generate_kwargs):
         """pages: iterable of (key, PIL image, prompt), consumed only as slots free up; count: how many there are, when
         a generator cannot say (no more slots than pages). Yields (key, text) as each page finishes."""
-        processor = DeepseekOCRProcessor(mode, uint8=True)  # normalised on the device
+        processor = DeepseekOCRProcessor(mode)
 
         def requests():
             for key, image, prompt in pages:
                 item = processor.process_image(image)
-                text = prompt if IMAGE_TOKEN in prompt else f"{IMAGE_TOKEN}\n{prompt}"
-                ids = self.tokenizer.render_vision_pretraining(text, 1 << 30, [item["num_image_tokens"]])[0]
-                yield key, ids, [item]
+                yield key, self.tokenizer.render_for_completion(image_prompt(prompt), [item.slots]), [item]
         count = len(pages) if isinstance(pages, Sized) else count
         batch = min(self.batch_size, count or self.batch_size)
         prompt_len = max_image_slots(mode) + PROMPT_TEXT_TOKENS  # the cache is sized once, for the mode's largest page
@@ -77,7 +87,7 @@ class Engine:
         images, requests = iter(images), []
         for i, ids in enumerate(prompts):
             slots, mine = sum(t == self.model.image_token_id for t in ids), []
-            while sum(item["num_image_tokens"] for item in mine) < slots:
+            while sum(item.slots for item in mine) < slots:
                 mine.append(next(images))
             requests.append((i, ids, mine))
         done = dict(self.generate_iter(requests, max_new_tokens, batch_size=min(self.batch_size, len(prompts)),
@@ -119,41 +129,32 @@ class Engine:
             for _ in range(self.sync_every):
                 self.step()
             # one look at the batch: hand back the finished requests and free their slots
-            finished = self.done.cpu().tolist()
-            counts = self.n_out.cpu().tolist()
+            finished = self.slots.done.cpu().tolist()
+            counts = self.slots.n_out.cpu().tolist()
             for s in range(S):
                 if owner[s] is not None and finished[s]:
-                    yield owner[s], self.out[s, :counts[s]].tolist()
+                    yield owner[s], self.slots.out[s, :counts[s]].tolist()
                     owner[s] = None
 
     def setup(self, S, prompt_len, max_new_tokens, settings):
         """The device state of a generation: the KV cache (allocated once for the longest prompt plus the new tokens;
-        the old one is let go first), each slot's generated tokens, their count, the last W of them, finished flags,
-        next input token, and the sampling generator. A decode graph is kept while none of it changes."""
+        the old one is let go first), the slots, the stop and whitelist tokens, and the sampling generator. A decode
+        graph is kept while none of it changes."""
         length = -(-(prompt_len + max_new_tokens) // 128) * 128  # whole blocks: a slightly longer prompt still fits
         if self.cache is None or self.cache.k.size(1) != S or self.cache.k.size(3) < length:
             self.cache = self.graph = None  # freed before the new one is allocated
-            self.cache = self.new_cache(S, length)
-        key = (S, self.cache.k.size(3), max_new_tokens, tuple(sorted(settings.items())))
+            cfg = self.model.gpt.config
+            self.cache = KVCache(cfg.n_layer, S, cfg.n_kv_head, length, cfg.n_embd // cfg.n_head, self.device,
+                                 compute_dtype(self.device), cfg.n_embd)
+        key = (S, max_new_tokens, tuple(sorted(settings.items())))
         if key != self.setup_key:
             self.setup_key, self.settings, self.graph = key, settings, None
-            dev = self.device
-            self.out = torch.zeros(S, max_new_tokens, dtype=torch.long, device=dev)
-            self.n_out = torch.zeros(S, dtype=torch.long, device=dev)
-            self.recent = torch.zeros(S, settings["W"], dtype=torch.long, device=dev)
-            self.stops = torch.tensor(settings["stops"], dtype=torch.long, device=dev)
-            self.whitelist = torch.tensor(settings["whitelist"], dtype=torch.long, device=dev)
-            self.done = torch.ones(S, dtype=torch.bool, device=dev)
-            self.rng = torch.Generator(device=dev)
-        self.done.fill_(True)  # every slot free
+            self.slots = Slots(S, max_new_tokens, settings["W"], self.device)
+            self.stops = torch.tensor(settings["stops"], dtype=torch.long, device=self.device)
+            self.whitelist = torch.tensor(settings["whitelist"], dtype=torch.long, device=self.device)
+            self.rng = torch.Generator(device=self.device)
+        self.slots.done.fill_(True)  # every slot free
         self.rng.manual_seed(settings["seed"])
-
-    def new_cache(self, S, length):
-        cfg = self.model.gpt.config
-        dtype = torch.bfloat16 if self.device.type == "cuda" else self.model.gpt.lm_head.weight.dtype
-        self.tokens = torch.zeros(S, 1, dtype=torch.long, device=self.device)  # each slot's next input token
-        self.rows = torch.arange(S, device=self.device)
-        return KVCache(cfg.n_layer, S, cfg.n_kv_head, length, cfg.n_embd // cfg.n_head, self.device, dtype, cfg.n_embd)
 
     def choose(self, logits, n_out, recent):
         """The next token of each row: the n-gram bans and the <image> ban applied, then greedy or sampled."""
@@ -164,21 +165,22 @@ class Engine:
 
     def record(self, rows, token):
         """Append each row's new token unless the row is finished; a stop token or a full row finishes it."""
-        going = ~self.done[rows]
+        s = self.slots
+        going = ~s.done[rows]
         write = going & ~torch.isin(token, self.stops)
-        column = self.n_out[rows].clamp(max=self.out.size(1) - 1)
-        self.out[rows, column] = torch.where(write, token, self.out[rows, column])
-        self.n_out[rows] += write
-        self.done[rows] |= going & ~write | (self.n_out[rows] >= self.out.size(1))
-        self.recent[rows] = torch.where(write[:, None], torch.cat([self.recent[rows, 1:], token[:, None]], 1),
-                                        self.recent[rows])
+        column = s.n_out[rows].clamp(max=s.out.size(1) - 1)
+        s.out[rows, column] = torch.where(write, token, s.out[rows, column])
+        s.n_out[rows] += write
+        s.done[rows] |= going & ~write | (s.n_out[rows] >= s.out.size(1))
+        s.recent[rows] = torch.where(write[:, None], torch.cat([s.recent[rows, 1:], token[:, None]], 1), s.recent[rows])
         return write
 
     def admit(self, rows, logits):
         """New requests in `rows`: their slot state reset, their first token chosen and recorded."""
-        self.n_out[rows], self.done[rows], self.recent[rows] = 0, False, 0
-        self.tokens[rows] = self.choose(logits, self.n_out[rows], self.recent[rows])[:, None]
-        self.record(rows, self.tokens[rows, 0])
+        s = self.slots
+        s.n_out[rows], s.done[rows], s.recent[rows] = 0, False, 0
+        s.tokens[rows] = self.choose(logits, s.n_out[rows], s.recent[rows])[:, None]
+        self.record(rows, s.tokens[rows, 0])
 
     # ---- model calls -----------------------------------------------------------------------------
 
@@ -186,8 +188,8 @@ class Engine:
         """Encode the images and run the prompts (right-padded) into the cache rows `rows`; last-token logits."""
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         T = max(len(p) for p in prompts)
-        if T + self.out.size(1) > self.cache.k.size(3):
-            self.grow_cache(T + self.out.size(1))
+        if T + self.slots.out.size(1) > self.cache.k.size(3):
+            self.grow_cache(T + self.slots.out.size(1))
         ids = torch.full((len(prompts), T), self.tokenizer.get_bos_token_id(), dtype=torch.long, device=self.device)
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = torch.tensor(p, device=self.device)
@@ -195,31 +197,32 @@ class Engine:
         with self.autocast, self.cache.prefilling(rows, lengths):
             hidden = gpt.hidden(ids, self.model.embed(ids, images), kv_cache=self.cache)
             logits = gpt.logits(hidden[torch.arange(len(prompts), device=self.device), lengths - 1])
-        self.cache.lengths[rows] = lengths
         return logits
 
     def grow_cache(self, length):
         """A prompt longer than the cache was sized for: the rows at work keep their keys, staged through host memory so
         the old and the new cache are never both on the device."""
         old = self.cache
-        keep = [t.cpu() for t in (old.k, old.v, old.lengths, old.previous, self.tokens)]
+        keep = [t.cpu() for t in (old.k, old.v, old.lengths, old.previous)]
         self.cache = self.graph = old = None
-        S = keep[0].size(1)
-        self.cache = self.new_cache(S, -(-length // 128) * 128)
+        n_layer, S, n_kv_head, _, head_dim = keep[0].shape
+        self.cache = KVCache(n_layer, S, n_kv_head, -(-length // 128) * 128, head_dim, self.device, keep[0].dtype,
+                             keep[3].size(-1))
         self.cache.k[..., :keep[0].size(3), :] = keep[0].to(self.device)
         self.cache.v[..., :keep[1].size(3), :] = keep[1].to(self.device)
-        for target, saved in zip((self.cache.lengths, self.cache.previous, self.tokens), keep[2:]):
-            target.copy_(saved)
+        self.cache.lengths.copy_(keep[2])
+        self.cache.previous.copy_(keep[3])
 
     def decode_step(self):
         """One token for every slot, all on the device: the forward at each row's position, the choice, the record.
         Every row attends over the whole preallocated length under its mask (a split-KV decode would read only each
         row's own keys: the later fix when long pages make the cache long)."""
+        s = self.slots
         with self.autocast, self.kernels():
-            logits = self.model.gpt.logits(self.model.gpt.hidden(self.tokens, kv_cache=self.cache)[:, -1])
-        token = self.choose(logits, self.n_out, self.recent)
-        self.cache.lengths += self.record(self.rows, token)
-        self.tokens[:, 0] = token
+            logits = self.model.gpt.logits(self.model.gpt.hidden(s.tokens, kv_cache=self.cache)[:, -1])
+        token = self.choose(logits, s.n_out, s.recent)
+        self.cache.advance(self.record(s.rows, token))  # a finished row takes nothing
+        s.tokens[:, 0] = token
 
     def step(self):
         """decode_step, as one CUDA graph replay on a GPU: captured once per setup, the sampling generator registered
@@ -228,16 +231,15 @@ class Engine:
         if not self.cuda_graph or sampling and not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
             return self.decode_step()
         if self.graph is None:
-            state = [t.clone() for t in (self.out, self.n_out, self.recent, self.done, self.tokens, self.cache.lengths,
-                                         self.cache.previous)]
+            changing = (*self.slots.tensors(), self.cache.lengths, self.cache.previous)
+            state = [t.clone() for t in changing]
             rng_state = self.rng.get_state()
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm up outside the graph, then undo what the warm-up step did
                 self.decode_step()
             torch.cuda.current_stream(self.device).wait_stream(side)
-            for t, saved in zip((self.out, self.n_out, self.recent, self.done, self.tokens, self.cache.lengths,
-                                 self.cache.previous), state):
+            for t, saved in zip(changing, state):
                 t.copy_(saved)
             self.rng.set_state(rng_state)
             self.graph = torch.cuda.CUDAGraph()
@@ -281,84 +283,3 @@ def table_whitelist(tokenizer):
     pieces whose merges depend on the neighbours ('<', 'td', '></', ...): the exempt tokens are 'td' and every token
     made only of '<', '/' and '>'."""
     return [i for i in range(tokenizer.get_vocab_size()) if re.fullmatch(r"td|[</>]+", tokenizer.decode([i]))]
-
-
-# ---- what every reading script shares ------------------------------------------------------------
-
-def positive_int(value):
-    if not value.isdigit() or int(value) <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def modes_arg(text):
-    """--modes: comma-separated modes, checked before anything loads."""
-    modes = [m for m in text.split(",") if m]
-    unknown = [m for m in modes if m not in MODES]
-    if unknown or not modes:
-        raise argparse.ArgumentTypeError(f"unknown modes {unknown or [text]}; modes are {','.join(MODES)}")
-    return modes
-
-
-def trained_modes(meta):
-    """The modes a checkpoint learned to read in (older checkpoints: those of their last training run)."""
-    return meta.get("trained_modes") or meta.get("train_config", {}).get("modes", "base").split(",")
-
-
-def add_reader_args(parser, max_tokens):
-    parser.add_argument("--checkpoint", default=None, help="checkpoint or run directory (default: the most recent run)")
-    parser.add_argument("--model_step", type=int, default=None, help="which step of the run (default: the last)")
-    parser.add_argument("--device", default=None, help="cuda, cpu or mps (default: the best there is)")
-    parser.add_argument("--max_tokens", type=positive_int, default=max_tokens, help="new tokens per page at most")
-    parser.add_argument("--batch_size", type=positive_int, default=64, help="pages decoded together")
-
-
-def read_with_progress(engine, pages, mode, max_new_tokens, failed, desc="pages", **generate_kwargs):
-    """
-    pages: [(key, load, prompt)], load() -> PIL image, called only when a slot is about to take the page. Yields
-    (key, image, text) as pages finish, with a progress bar on stderr. A page whose load() raises ImageError is
-    named on stderr, its key appended to `failed`, and the others go on.
-    """
-    images = {}
-
-    def stream():
-        for key, load, prompt in pages:
-            try:
-                images[key] = load()
-            except ImageError as e:
-                print(f"skipping {e}", file=sys.stderr)
-                failed.append(key)
-                continue
-            yield key, images[key], prompt
-    for key, text in tqdm(engine.read_iter(stream(), mode, max_new_tokens, count=len(pages), **generate_kwargs),
-                          total=len(pages), desc=desc, unit="page", file=sys.stderr, disable=len(pages) == 1):
-        yield key, images.pop(key), text
-
-
-def load_engine(args, modes=None):
-    """(Engine, checkpoint meta, checkpoint path, modes) from add_reader_args' options; a bad choice exits with the
-    reason. modes: those asked for, or None for the checkpoint's own; one it never trained on is warned about, and the
-    stderr line that names the checkpoint names the modes it reads in."""
-    device = torch.device(args.device or autodetect_device_type())
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: this torch has no CUDA device (torch {torch.__version__})")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit(f"--device {args.device}: MPS is not available here")
-    try:
-        checkpoint = resolve_checkpoint(args.checkpoint, args.model_step)
-    except FileNotFoundError as e:
-        raise SystemExit(f"no trained model to read with: {e}")
-    model, tokenizer, meta = load_model(checkpoint, device)
-    if device.type == "cuda":
-        model = model.to(torch.bfloat16)  # inference only: bf16 weights halve what every decode step reads
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # what fp32 work remains
-    trained = trained_modes(meta)
-    modes = modes or trained[:1]
-    learned = ", ".join(meta.get("trained_on", [])) or "its training data"
-    print(f"{checkpoint} (step {meta['step']}, trained on {learned} in {'/'.join(trained)} mode): reading in "
-          f"{'/'.join(modes)} mode", file=sys.stderr)
-    for mode in modes:
-        if mode not in trained:
-            print(f"warning: this checkpoint never trained in {mode} mode (only {'/'.join(trained)}): expect little "
-                  f"or nothing to be read; leave out the mode to read in {trained[0]}", file=sys.stderr)
-    return Engine(model.eval(), tokenizer, batch_size=args.batch_size), meta, checkpoint, modes

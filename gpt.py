@@ -23,6 +23,8 @@ from muon import Muon, DistMuon
 from adamw import DistAdamW
 
 
+# ---- the config: nanochat's GPT in either generation --------------------------------------------------------------
+
 @dataclass
 class GPTConfig:
     sequence_len: int = 1024
@@ -32,6 +34,7 @@ class GPTConfig:
     n_kv_head: int = 6
     n_embd: int = 768
     window_pattern: str = ""        # nanochat's, tiled over the layers: L sequence_len, S a quarter of it; "" none
+    generation: str = "2025"        # which of nanochat's GPTs: its init and optimizer settings follow the name
     # what nanochat's GPT gained in 2026; the defaults are the 2025 generation
     lambdas: bool = False           # per-layer resid_lambdas and x0_lambdas (x0: the normed embedding)
     value_embeds: bool = False      # ResFormer value embeddings on alternating layers, gated per head (ve_gate)
@@ -44,21 +47,21 @@ class GPTConfig:
     rotary_in_compute_dtype: bool = False  # rotary tables fp32 on the CPU, bf16 on CUDA; else bf16 everywhere
 
 
-# nanochat's two generations, as GPTConfig fields (checkpoint.load_nanochat recognises them)
+# nanochat's two generations, as GPTConfig fields (nano_deepseek_ocr.read_nanochat recognises them)
 GENERATIONS = {
     "2025": dict(),
-    "2026": dict(window_pattern="SSSL", lambdas=True, value_embeds=True, smear=True, backout=True, rope_base=100000.0,
-                 qk_scale=1.2, pad_vocab_size_to=64, rotary_in_compute_dtype=True),
+    "2026": dict(generation="2026", window_pattern="SSSL", lambdas=True, value_embeds=True, smear=True, backout=True,
+                 rope_base=100000.0, qk_scale=1.2, pad_vocab_size_to=64, rotary_in_compute_dtype=True),
 }
 VE_GATE_CHANNELS, SMEAR_CHANNELS = 12, 24  # the input channels nanochat's gates read
 
 
 def norm(x):
-    return F.rms_norm(x, (x.size(-1),))
+    return F.rms_norm(x, (x.size(-1),))  # no learned scale: nanochat's RMSNorm is parameter-free
 
 
 def apply_rotary_emb(x, cos, sin):
-    d = x.shape[3] // 2
+    d = x.shape[3] // 2  # halves rotated against each other (nanochat's sign: HF's rotate_half turns the other way)
     x1, x2 = x[..., :d], x[..., d:]
     y1 = x1 * cos + x2 * sin
     y2 = x1 * (-sin) + x2 * cos
@@ -97,12 +100,15 @@ def gpt_config_for_depth(depth, vocab_size, sequence_len, generation="2025"):
                      n_embd=n_embd, **GENERATIONS[generation])
 
 
+# ---- the KV cache of generation ------------------------------------------------------------------------------------
+
 class KVCache:
     """
     Keys and values for generation, preallocated: `rows` sequences of up to `length` positions in every layer, each
     row's fill level, and each row's last normed embedding (smear). Shapes never change, so a decode step can be
     captured in a CUDA graph. Inside prefilling(rows, lengths), a forward writes new sequences (right-padded, from
-    position 0, `lengths` long) into those rows; otherwise a forward decodes one token per row, at its own position.
+    position 0, `lengths` long) into those rows; otherwise a forward decodes one token per row, at its own position,
+    and advance() moves the rows on by what they took.
     """
     def __init__(self, n_layer, rows, n_kv_head, length, head_dim, device, dtype, n_embd):
         self.k = torch.zeros(n_layer, rows, n_kv_head, length, head_dim, device=device, dtype=dtype)
@@ -114,12 +120,18 @@ class KVCache:
         self.filling = self.filling_lengths = None  # rows being prefilled, and their prompts' lengths
 
     @contextmanager
-    def prefilling(self, rows, lengths=None):
+    def prefilling(self, rows, lengths):
+        """A forward inside writes new sequences into `rows`; once it has gone through, they hold `lengths` keys."""
         self.filling, self.filling_lengths = rows, lengths
         try:
             yield
         finally:
             self.filling = self.filling_lengths = None
+        self.lengths[rows] = lengths  # not reached when the forward failed: the rows keep what they held
+
+    def advance(self, taken):
+        """After a decode step: each row moves on by `taken` (1, or a per-row 0/1 tensor: a finished row stays)."""
+        self.lengths += taken
 
     def positions(self):
         """Rotary positions of the incoming tokens: None (0, 1, ...) in a prefill, each row's length in a decode."""
@@ -155,6 +167,8 @@ class KVCache:
         self.previous.copy_(x)
         return previous
 
+
+# ---- attention masks: causal, windowed, packed samples ---------------------------------------------------------------
 
 def band(T, window, device):
     """(T, T) causal mask whose queries see at most `window` keys back."""
@@ -215,6 +229,8 @@ def attention(q, k, v, mask, enable_gqa):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
 
 
+# ---- the transformer ------------------------------------------------------------------------------------------------
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -240,7 +256,7 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         cos, sin = cos_sin
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q, k = norm(q) * self.qk_scale, norm(k) * self.qk_scale
+        q, k = norm(q) * self.qk_scale, norm(k) * self.qk_scale  # QK norm after rotary, as nanochat
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)
@@ -289,11 +305,14 @@ class GPT(nn.Module):
         self.backout_lambda = nn.Parameter(torch.zeros(1)) if config.backout else None
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(rows, kv_dim) for i in range(n)
                                            if config.value_embeds and has_ve(i, n)})
-        # rotary tables are cheap: over-compute 10x the training length so generation never runs out
+        # rotary tables are cheap: over-compute 10x the training length so generation never runs out; not in the
+        # state dict, so every built model computes them (build_rotary)
         self.rotary_seq_len = config.sequence_len * 10
-        cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("cos", None, persistent=False)
+        self.register_buffer("sin", None, persistent=False)
+        self.build_rotary()
+
+    # ---- init and vocabulary ----
 
     def padded_vocab_size(self, vocab_size):
         pad = self.config.pad_vocab_size_to
@@ -303,7 +322,7 @@ class GPT(nn.Module):
     def init_weights(self):
         """nanochat's init for the generation: the 2025 one (fan-in normal), or the 2026 one (uniform, small c_fc,
         lm_head at 1e-3, decaying lambdas, small positive gates)."""
-        if self.config.lambdas:
+        if self.config.generation == "2026":
             self._init_2026()
         else:
             for module in self.modules():
@@ -317,7 +336,7 @@ class GPT(nn.Module):
             for block in self.transformer.h:
                 torch.nn.init.zeros_(block.mlp.c_proj.weight)
                 torch.nn.init.zeros_(block.attn.c_proj.weight)
-        self.cos, self.sin = self._precompute_rotary_embeddings(self.rotary_seq_len)
+        self.build_rotary()
 
     def _init_2026(self):
         n_layer, s = self.config.n_layer, 3 ** 0.5 * self.config.n_embd ** -0.5  # uniform with std 1/sqrt(n_embd)
@@ -342,24 +361,25 @@ class GPT(nn.Module):
         if self.backout_lambda is not None:
             nn.init.constant_(self.backout_lambda, 0.2)
 
-    def _precompute_rotary_embeddings(self, seq_len):
+    def build_rotary(self):
+        """The rotary tables (cos, sin) for rotary_seq_len positions, on the weights' device."""
         cfg = self.config
         head_dim = cfg.n_embd // cfg.n_head
         device = self.transformer.wte.weight.device
         channel = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
         inv_freq = 1.0 / (cfg.rope_base ** (channel / head_dim))
-        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+        freqs = torch.outer(torch.arange(self.rotary_seq_len, dtype=torch.float32, device=device), inv_freq)
         # as nanochat keeps them, so its checkpoints give its logits: bf16 (2025), or the compute dtype (2026)
         dtype = torch.float32 if cfg.rotary_in_compute_dtype and device.type != "cuda" else torch.bfloat16
-        return freqs.cos().to(dtype)[None, :, None, :], freqs.sin().to(dtype)[None, :, None, :]
+        self.cos, self.sin = freqs.cos().to(dtype)[None, :, None, :], freqs.sin().to(dtype)[None, :, None, :]
 
     def get_device(self):
         return self.transformer.wte.weight.device
 
     @torch.no_grad()
     def resize_vocab(self, new_vocab_size):
-        """Rows for new tokens: wte (and value-embedding) rows drawn like the init, lm_head rows zero, so old-token logits
-        stay; the padding to pad_vocab_size_to is kept."""
+        """Rows for new tokens: wte (and value-embedding) rows drawn like the init, lm_head rows zero, so old-token
+        logits stay; the padding to pad_vocab_size_to is kept."""
         old = self.config.vocab_size
         assert new_vocab_size >= old, "resize_vocab only grows the vocabulary"
         if new_vocab_size == old:
@@ -371,7 +391,7 @@ class GPT(nn.Module):
             new[:old] = weight[:old]
             draw(new[old:new_vocab_size])
             return nn.Parameter(new)
-        wte_std = 0.8 if self.config.lambdas else 1.0
+        wte_std = 0.8 if self.config.generation == "2026" else 1.0
         self.transformer.wte.weight = grown(self.transformer.wte.weight, lambda w: w.normal_(0.0, wte_std))
         self.lm_head.weight = grown(self.lm_head.weight, lambda w: w.zero_())
         for ve in self.value_embeds.values():
@@ -379,6 +399,8 @@ class GPT(nn.Module):
             ve.num_embeddings = rows
         self.transformer.wte.num_embeddings = self.lm_head.out_features = rows
         self.config.vocab_size = new_vocab_size
+
+    # ---- FLOPs and optimizers ----
 
     def flops(self, doc_lengths):
         """Training FLOPs (forward + backward) of packed samples of these lengths: each token attends its own sample."""
@@ -413,7 +435,7 @@ class GPT(nn.Module):
         groups = self.optimizer_groups()
         dmodel_lr_scale = (self.config.n_embd / 768) ** -0.5
         print0(f"Scaling the LR for the AdamW parameters by 1/sqrt({self.config.n_embd}/768) = {dmodel_lr_scale:.6f}")
-        tuned = self.config.lambdas  # the 2026 generation: nanochat's betas and weight decays for it
+        tuned = self.config.generation == "2026"  # nanochat's betas and weight decays for that generation
         adam_groups = [
             dict(params=groups["lm_head"], lr=unembedding_lr * dmodel_lr_scale,
                  **(dict(betas=(0.8, 0.96), weight_decay=0.01) if tuned else {})),
@@ -445,6 +467,8 @@ class GPT(nn.Module):
                 group["initial_lr"] = group["lr"]
         return optimizers
 
+    # ---- forward ----
+
     def rotary(self, T, positions=None):
         """cos/sin for T tokens at positions 0..T-1, or at `positions` (B, T): per-row positions in a decode step."""
         if positions is None:
@@ -475,7 +499,7 @@ class GPT(nn.Module):
             gate = gate[:, 1:]
         return torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
 
-    def hidden(self, idx, inputs_embeds=None, kv_cache=None, positions=None, doc_ids=None):
+    def hidden(self, idx, inputs_embeds=None, *, doc_ids=None, positions=None, kv_cache=None):
         """
         The final normed hidden states (B, T, n_embd). idx: the token ids (value embeddings are keyed by id: an <image>
         slot gets the <image> row, harmless, as nanochat would give any token its row); inputs_embeds: their
@@ -507,9 +531,9 @@ class GPT(nn.Module):
         logits = self.lm_head(hidden)[..., :self.config.vocab_size].float()
         return self.config.softcap * torch.tanh(logits / self.config.softcap)
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", inputs_embeds=None, positions=None,
-                doc_ids=None):
-        logits = self.logits(self.hidden(idx, inputs_embeds, kv_cache, positions, doc_ids))
+    def forward(self, idx, targets=None, *, inputs_embeds=None, doc_ids=None, positions=None, kv_cache=None,
+                loss_reduction="mean"):
+        logits = self.logits(self.hidden(idx, inputs_embeds, doc_ids=doc_ids, positions=positions, kv_cache=kv_cache))
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,

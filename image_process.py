@@ -6,6 +6,7 @@ computed; the tokenizer, the data loader, the model checks and the tests all go 
 import io
 import os
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -56,12 +57,13 @@ def tile_grid(width, height, mode="gundam", min_crops=MIN_CROPS, max_crops=MAX_C
     return best
 
 
-def slot_count(global_q, tiles=(1, 1), tile_q=0):
-    """Slots for a q x q global grid (a newline after each row), the stitched tiles if any, and the separator."""
-    n = global_q * (global_q + 1)
+def slot_count(global_q, tiles=(1, 1), tile_q=0, newlines=True):
+    """Slots for a q x q global grid, the tiles if any, and the separator; with newlines (encoder v1) a newline after
+    each row of the global grid and of the stitched tiles."""
+    n = global_q * (global_q + newlines)
     if tiles != (1, 1):
         n_w, n_h = tiles
-        n += (tile_q * n_w + 1) * (tile_q * n_h)
+        n += (tile_q * n_w + newlines) * (tile_q * n_h)
     return n + 1
 
 
@@ -73,17 +75,19 @@ def vision_features(mode):
 
 def num_image_slots(width, height, mode="base", min_crops=MIN_CROPS, max_crops=MAX_CROPS):
     """<image> slots an image of this size takes in `mode`: Tiny 73, Small 111, Base 273, Large 421, Gundam 273 +
-    tiles."""
+    tiles; v2 257 + 144 per tile (545 to 1121), v2-base 257, v2-tiny 65."""
     spec = MODES[mode]
     tiles = tile_grid(width, height, mode, min_crops, max_crops)
-    return slot_count(query_grid(spec["base_size"]), tiles, query_grid(spec["image_size"]))
+    return slot_count(query_grid(spec["base_size"]), tiles, query_grid(spec["image_size"]), spec["encoder"] == "v1")
 
 
 def max_image_slots(mode, min_crops=MIN_CROPS, max_crops=MAX_CROPS):
-    """The most <image> slots any one image takes in `mode` (Gundam: its largest tile grid), to size caches once."""
+    """The most <image> slots any one image takes in `mode` (a crop mode: its largest tile grid), to size caches
+    once."""
     spec = MODES[mode]
     grids = candidate_grids(min_crops, max_crops) if spec["crop"] else [(1, 1)]
-    return max(slot_count(query_grid(spec["base_size"]), grid, query_grid(spec["image_size"])) for grid in grids)
+    return max(slot_count(query_grid(spec["base_size"]), grid, query_grid(spec["image_size"]),
+                          spec["encoder"] == "v1") for grid in grids)
 
 
 def to_rgb(image, name="<image>"):
@@ -182,15 +186,29 @@ def normalize(pixel_values):
     return (pixel_values.float() / 255.0 - mean) / std
 
 
+@dataclass
+class ProcessedImage:
+    """One image as the model takes it. Pixels stay uint8 until the encoder normalises them (4x less to move from
+    loader workers to the GPU)."""
+    global_view: torch.Tensor  # (3, S, S)
+    tiles: torch.Tensor | None  # (nW * nH, 3, s, s), row-major; None when not tiled
+    tile_grid: tuple           # (nW, nH), width first; (1, 1): not tiled
+    slots: int                 # the <image> slots it takes in the token sequence (num_image_slots)
+
+    def views(self):
+        """What the encoder sees: ("global", (3, S, S)), then ("tiles", (3, s, s)) for each tile."""
+        yield "global", self.global_view
+        if self.tiles is not None:
+            for tile in self.tiles:
+                yield "tiles", tile
+
+
 class DeepseekOCRProcessor:
-    """uint8=True leaves views as uint8 pixels (4x less to move from loader workers to the GPU); the model
-    normalises them where they land."""
-    def __init__(self, mode="base", min_crops=MIN_CROPS, max_crops=MAX_CROPS, uint8=False):
+    def __init__(self, mode="base", min_crops=MIN_CROPS, max_crops=MAX_CROPS):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; modes are {list(MODES)}")
         self.mode, self.min_crops, self.max_crops = mode, min_crops, max_crops
         self.spec = MODES[mode]
-        self.finish = pixels if uint8 else lambda image: normalize(pixels(image))
 
     def global_view(self, image):
         size = self.spec["base_size"]
@@ -199,34 +217,32 @@ class DeepseekOCRProcessor:
         return image.resize((size, size), Image.BICUBIC)
 
     def process_image(self, image):
-        """One RGB image -> dict(pixel_values (3,S,S), images_crop (P,3,s,s) or None, images_spatial_crop (nW,nH),
-        num_image_tokens)."""
+        """One image (any PIL mode) -> ProcessedImage."""
         image = prepare_image(image)
-        tiles = tile_grid(image.width, image.height, self.mode, self.min_crops, self.max_crops)
-        crops = None
-        if tiles != (1, 1):
+        grid = tile_grid(image.width, image.height, self.mode, self.min_crops, self.max_crops)
+        tiles = None
+        if grid != (1, 1):
             tile = self.spec["image_size"]
-            n_w, n_h = tiles
+            n_w, n_h = grid
             resized = image.resize((tile * n_w, tile * n_h), Image.BICUBIC)
-            crops = torch.stack([self.finish(resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)))
+            tiles = torch.stack([pixels(resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)))
                                  for r in range(n_h) for c in range(n_w)])  # row-major
-        return dict(pixel_values=self.finish(self.global_view(image)), images_crop=crops, images_spatial_crop=tiles,
-                    num_image_tokens=num_image_slots(image.width, image.height, self.mode, self.min_crops,
-                                                     self.max_crops))
+        slots = num_image_slots(image.width, image.height, self.mode, self.min_crops, self.max_crops)
+        return ProcessedImage(pixels(self.global_view(image)), tiles, grid, slots)
 
     def process_images(self, images):
-        """A list of PIL images -> batched tensors; images_crop is zero-padded to the most tiles (None if no tiles)."""
+        """PIL images -> DeepSeek-OCR's processor output, with its key names and normalised pixels, for comparing with
+        its code: pixel_values (N, 3, S, S), images_crop (N, most tiles, 3, s, s) zero-padded or None,
+        images_spatial_crop (N, 2), num_image_tokens [slots]."""
         items = [self.process_image(im) for im in images]
-        crops = [it["images_crop"] for it in items]
         images_crop = None
-        if any(c is not None for c in crops):
-            most = max(c.size(0) for c in crops if c is not None)
+        if any(it.tiles is not None for it in items):
+            most = max(it.tiles.size(0) for it in items if it.tiles is not None)
             tile = self.spec["image_size"]
             images_crop = torch.zeros(len(items), most, 3, tile, tile)
-            for i, c in enumerate(crops):
-                if c is not None:
-                    images_crop[i, :c.size(0)] = c
-        return dict(pixel_values=torch.stack([it["pixel_values"] for it in items]),
-                    images_crop=images_crop,
-                    images_spatial_crop=torch.tensor([it["images_spatial_crop"] for it in items]),
-                    num_image_tokens=[it["num_image_tokens"] for it in items])
+            for i, it in enumerate(items):
+                if it.tiles is not None:
+                    images_crop[i, :it.tiles.size(0)] = normalize(it.tiles)
+        return dict(pixel_values=normalize(torch.stack([it.global_view for it in items])), images_crop=images_crop,
+                    images_spatial_crop=torch.tensor([it.tile_grid for it in items]),
+                    num_image_tokens=[it.slots for it in items])

@@ -31,58 +31,6 @@ def zeropower_via_newtonschulz5(G, steps):
     return X
 
 
-POLAR_EXPRESS = [  # Amsel et al. 2025 (https://arxiv.org/abs/2505.16932), 5 steps, as nanochat uses them
-    (8.156554524902461, -22.48329292557795, 15.878769915207462),
-    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
-]
-
-
-def polar_express(G, steps):
-    """nanochat's orthogonalisation since 2026: rows equilibrated, then the Polar Express iteration, then the
-    Frobenius norm snapped to sqrt(min(m, n)) (Muon+)."""
-    X = G.bfloat16() if G.is_cuda else G.float()
-    target = X.float().norm(dim=(-2, -1), keepdim=True) / X.size(-2) ** 0.5
-    X = X * (target / X.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(X.dtype)
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
-    tall = G.size(-2) > G.size(-1)
-    for a, b, c in POLAR_EXPRESS[:steps]:
-        A = X.mT @ X if tall else X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + (X @ B if tall else B @ X)
-    X = X.float()
-    return X * (min(G.shape[-2:]) ** 0.5 / X.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6))
-
-
-def normuon_scale(update, state, beta2=0.9):
-    """NorMuon: each neuron's update divided by its running RMS, the whole update's norm kept."""
-    reduce = -1 if update.size(-2) >= update.size(-1) else -2
-    v = update.square().mean(dim=reduce, keepdim=True)
-    if "second_momentum" not in state:
-        state["second_momentum"] = torch.zeros_like(v)
-    state["second_momentum"].lerp_(v, 1 - beta2)
-    step = state["second_momentum"].clamp_min(1e-10).rsqrt()
-    n = update.size(reduce)
-    before = (v.sum(dim=(-2, -1), keepdim=True) * n).sqrt()
-    after = (v * n * step.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
-    return update * step * (before / after.clamp_min(1e-10))
-
-
-def muon_update_2026(grads, params, state, group):
-    """nanochat's 2026 Muon step: Nesterov momentum, Polar Express, NorMuon, then the update with cautious weight
-    decay (decay only where the update and the weight agree in sign)."""
-    if "momentum_buffer" not in state:
-        state["momentum_buffer"] = torch.zeros_like(grads)
-    buf = state["momentum_buffer"]
-    buf.lerp_(grads, 1 - group["momentum"])
-    g = grads.lerp_(buf, group["momentum"])
-    update = normuon_scale(polar_express(g, group["ns_steps"]), state).to(grads.dtype)
-    lr = group["lr"] * max(1, g.size(-2) / g.size(-1)) ** 0.5
-    return -lr * update - lr * group["weight_decay"] * params * ((update * params) >= 0)
-
-
 def muon_update(grads, state, group):
     """(n, m, k) stacked gradients -> their updates: momentum, Nesterov look-ahead, orthogonalise, scale for the
     matrices' aspect ratio. The momentum buffer is the stack's, kept in `state`."""
@@ -108,18 +56,14 @@ def stacked_grads(params):
 
 
 class Muon(torch.optim.Optimizer):
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0, variant="quintic"):
-        super().__init__(shape_groups(params), dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                                                    weight_decay=weight_decay, variant=variant))
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
+        super().__init__(shape_groups(params), dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
             params = group["params"]
-            if group["variant"] == "polar":
-                update = muon_update_2026(stacked_grads(params), torch.stack(params), self.state[params[0]], group)
-            else:
-                update = muon_update(stacked_grads(params), self.state[params[0]], group)  # the stack's state
+            update = muon_update(stacked_grads(params), self.state[params[0]], group)  # the stack's state
             torch._foreach_add_(params, list(update.unbind(0)))
 
 

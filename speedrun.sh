@@ -17,7 +17,11 @@ export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
 NGPU=$( (nvidia-smi -L 2>/dev/null || true) | grep -c GPU || true)
 SCALE="${SCALE:-$([ "$NGPU" -gt 0 ] && echo full || echo demo)}"
-if [ "$SCALE" = "full" ] && [ "$NGPU" -eq 0 ]; then  # before anything is set up or downloaded
+if [ "$SCALE" != "demo" ] && [ "$SCALE" != "full" ]; then  # before anything is set up, written or downloaded
+  echo "SCALE must be demo or full, got $SCALE" >&2
+  exit 1
+fi
+if [ "$SCALE" = "full" ] && [ "$NGPU" -eq 0 ]; then
   echo "SCALE=full trains on 1 to 8 NVIDIA GPUs per node, and nvidia-smi finds none here: run SCALE=demo" >&2
   exit 1
 fi
@@ -40,8 +44,7 @@ phase() {  # a banner per phase: which one of how many, and the time so far
 
 if [ "$SCALE" = "demo" ]; then
   # reading pages are made on the fly in the training process: no loader workers to compete for the cores
-  DEMO="--encoder=tiny --depth=4 --model_tag=demo --modes=tiny --data=reading --num_synthetic=1000000 --seq_len=512 \
-        --device_batch_size=4 --num_workers=0 --eval_batches=2 --cer_pages=50 --sample_count=3 --vision_lr=1e-4"
+  DEMO="$(cat scripts/demo.flags) --overwrite"  # a run of the demo starts its checkpoints afresh
   phase 4 "tokenizer"
   python -m scripts.tok_train --vocab_size=2048
   # from random initialisation on pages whose text has no prior to learn (README: the recipe)
@@ -62,29 +65,30 @@ elif [ "$SCALE" = "full" ]; then
   TORCHRUN="torchrun --standalone --nproc_per_node=$NGPU"
   COMMON="--init_gpt=$NANOCHAT_GPT --model_tag=full --data=real --max_samples=$MAX_SAMPLES --modes=base --run=$RUN \
           --activation_checkpointing=true --device_batch_size=2 --num_workers=12"
-  phase 7 "data"
+  phase 8 "data"
   python -m scripts.prepare_data --max_samples="$MAX_SAMPLES"
   # batches in tokens: rows of seq_len packed with whole samples (about 40 and 20 Base pages per GPU and step)
-  phase 7 "stage 1: everything trains"
+  phase 8 "stage 1: everything trains"
   $TORCHRUN -m scripts.vis_tok_train $COMMON --seq_len=4096 --total_batch_size=$((NGPU * 4 * 2 * 4096)) \
             --num_iterations=4000 --eval_every=500
-  phase 7 "stage 2: SAM frozen"
+  phase 8 "stage 2: SAM frozen"
   $TORCHRUN -m scripts.vis_mid_train $COMMON --seq_len=8192 --total_batch_size=$((NGPU * 2 * 8192)) \
             --num_iterations=2000 --eval_every=500
-  phase 7 "vision_sample"
+  phase 8 "vision_sample"
   python -m scripts.vision_sample --mode=base
-  phase 7 "Fox"
+  phase 8 "Fox"
   python -m scripts.eval_fox --modes=tiny,small
-  phase 7 "OmniDocBench"
+  phase 8 "OmniDocBench"
   python -m scripts.eval_omnidocbench --mode=base --max_pages="${OMNIDOC_PAGES:-200}"
-  phase 7 "compression study"
+  phase 8 "olmOCR-bench"
+  python -m pip install -q -e '.[bench]' && python -m pip install -q --no-deps olmocr==0.4.27
+  python -m scripts.eval_olmocr_bench --mode=base --max_pages="${OLMOCR_PAGES:-50}"
+  phase 8 "compression study"
   python -m scripts.eval_compression --pages=200 --modes=tiny,small,base
-else
-  echo "SCALE must be demo or full, got $SCALE" >&2
-  exit 1
 fi
 
 printf "\n## Wall time\n\n- %d min %d s\n" $(( ($(date +%s) - START) / 60 )) $(( ($(date +%s) - START) % 60 )) >> "$REPORT"
 cp "$REPORT" report.md
 cp "$NANO_DEEPSEEK_OCR_DIR"/cer_*.png . 2>/dev/null || true  # the CER curves report.md shows
 echo "speedrun done in $(( $(date +%s) - START )) s; report: report.md"
+echo "next, in a new shell: source .venv/bin/activate, then the commands in the README (reading your own pages)"

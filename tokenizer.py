@@ -97,30 +97,41 @@ class RustBPETokenizer:
     def decode(self, ids):
         return self.enc.decode(ids)
 
-    def render_vision_pretraining(self, text, max_tokens, image_token_counts, response=None):
+    def render_for_completion(self, text, image_slot_counts, max_tokens=None):
         """
-        <|bos|>[<image> x N]\\n<prompt><response><|assistant_end|> -> (ids, image_positions).
-        Each <image> in `text` expands to its slot count. Truncation to max_tokens never cuts an image block:
-        a sample whose image block does not fit raises ImageBlockTooLong. Without `response`, this is the
-        generation prompt (no stop token).
+        What a vision sample's generation starts from: <|bos|>, then `text` with each <image> expanded to its count of
+        <image> slots. max_tokens: an image block must end within it (else ImageBlockTooLong: the caller drops and
+        counts the sample, never keeps half an image); the text after it may run past (render_vision_sample cuts).
         """
         pieces = text.split(IMAGE_TOKEN)
-        if len(pieces) - 1 != len(image_token_counts):
-            raise ValueError(f"text has {len(pieces) - 1} <image> but {len(image_token_counts)} slot counts were given")
-        ids, positions = [self.bos_token_id], []
+        if len(pieces) - 1 != len(image_slot_counts):
+            raise ValueError(f"text has {len(pieces) - 1} <image> but {len(image_slot_counts)} slot counts were given")
+        ids = [self.bos_token_id]
         for i, piece in enumerate(pieces):
             if i > 0:
-                n = image_token_counts[i - 1]
-                if len(ids) + n > max_tokens:
+                n = image_slot_counts[i - 1]
+                if max_tokens is not None and len(ids) + n > max_tokens:
                     raise ImageBlockTooLong(f"image {i} needs {n} slots from position {len(ids)}, "
                                             f"beyond max_tokens={max_tokens}")
-                positions.extend(range(len(ids), len(ids) + n))
                 ids.extend([self.image_token_id] * n)
             ids.extend(self.encode(piece))
-        if response is not None:
-            ids.extend(self.encode(response))
-            ids.append(self.stop_token_id)
-        return ids[:max_tokens], positions
+        return ids
+
+    def render_vision_sample(self, text, response, image_slot_counts, max_tokens):
+        """
+        A vision sample for training, <|bos|>[<image> x N]\\n<prompt><response><|assistant_end|> cut to max_tokens ->
+        (ids, mask): mask 1 on what is learned (the response and its stop token), 0 on the prompt given at inference.
+        """
+        prompt = self.render_for_completion(text, image_slot_counts, max_tokens)
+        ids = (prompt + self.encode(response) + [self.stop_token_id])[:max_tokens]
+        return ids, ([0] * len(prompt) + [1] * len(ids))[:len(ids)]
+
+    def render_vision_pretraining(self, text, max_tokens, image_token_counts, response=None):
+        """(ids, image slot positions) of a vision sample (render_vision_sample's ids), or of its generation prompt
+        when there is no response."""
+        ids = self.render_vision_sample(text, response, image_token_counts, max_tokens)[0] if response is not None \
+            else self.render_for_completion(text, image_token_counts, max_tokens)[:max_tokens]
+        return ids, [i for i, t in enumerate(ids) if t == self.image_token_id]
 
     def render_conversation(self, conversation, max_tokens):
         """nanochat chat format -> (ids, mask); mask=1 on what the assistant says (the training targets)."""

@@ -1,79 +1,66 @@
 """
-The one training loop behind both stages. A stage is a TrainConfig (what is frozen, which data, seq_len,
-schedule); scripts/vis_tok_train.py (stage 1) and scripts/vis_mid_train.py (stage 2) only set its defaults.
-No DDP wrapper, as in nanochat: DistMuon / DistAdamW average the gradients themselves, so parameters a
-batch does not touch (the encoder on a text-only batch) just count as zero gradients.
+The one training loop behind both stages, and its report. A stage is a TrainConfig (what is frozen, which data,
+seq_len, schedule); scripts/vis_tok_train.py (stage 1) and scripts/vis_mid_train.py (stage 2) only set its defaults.
+No DDP wrapper, as in nanochat: DistMuon / DistAdamW average the gradients themselves, so parameters a batch does not
+touch (the encoder on a text-only batch) just count as zero gradients.
 """
 import math
 import os
+import shutil
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from checkpoint import (save_checkpoint, resolve_checkpoint, list_checkpoints, load_model, load_training_state,
-                        set_rng_state, new_model)
+from checkpoint import (save_checkpoint, resolve_checkpoint, list_checkpoints, load_training_state, set_rng_state,
+                        learned_after)
 from common import (compute_init, compute_cleanup, print0, warn0, DummyWandb, append_report, autocast_context,
-                    line_plot, UserError)
+                    line_plot, UserError, choice, check_choices)
 from config import base_dir, checkpoint_dir, tokenizer_dir, MODES
-from dataloader import VisionDataLoader, sample_image
-from engine import Engine
-from image_process import DeepseekOCRProcessor, ImageError, load_image
-from metrics import normalized_edit_distance
-from nano_deepseek_ocr import NanoDeepseekOCR
+from dataloader import VisionDataLoader
+from evaluation import collapse_watch_views, evaluate
+from nano_deepseek_ocr import INIT_ENCODERS, ModelSources, encoder_version, load_model, new_model
 from tasks.mixture import mixture
-from tasks.synthetic import READING_KINDS, SyntheticPages
+from tasks.synthetic import KINDS, READING_KINDS
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ModelSources):
     stage: str = "stage1"                  # names the checkpoint directory
     run: str = "dummy"                     # wandb run name; "dummy" logs nowhere (nanochat's convention)
     model_tag: str = ""                    # checkpoint subdirectory; default d{depth} (+ "-tiny" for the tiny encoder)
-    device_type: str = ""                  # cuda | cpu | mps; empty = autodetect
+    device_type: str = choice("", ("", "cuda", "cpu", "mps"))  # empty = autodetect
     seed: int = 42
-    # model and its initialisation
-    depth: int = 20                        # GPT depth when it starts from scratch (width = 64 * depth)
-    encoder: str = "full"                  # full (SAM-B + CLIP-L) | tiny (CPU demo and tests)
-    init_gpt: str = ""                     # nanochat checkpoint directory or HF repo; empty = from scratch
-    gpt_generation: str = "2026"           # from scratch: nanochat's 2026 GPT (README: the demo measured) or its 2025 one
-    init_gpt_step: int = -1                # its step; -1 = the last
-    init_encoder: str = "sam+clip"         # sam+clip | deepseek | random
-    sam_source: str = "facebook/sam-vit-base"
-    clip_source: str = "openai/clip-vit-large-patch14"
-    deepseek_source: str = "deepseek-ai/DeepSeek-OCR"
     init_from: str = ""                    # one of our checkpoints (run or step directory) to start from
-    tokenizer: str = ""                    # tokenizer directory; empty = the nanochat checkpoint's, else the base dir's
-    vocab_size: int = 0                    # GPT rows when larger than the tokenizer's (65536: d20's true cost)
     freeze_sam: bool = False               # stage 2 freezes SAM + net_2 + net_3
+    freeze_encoder: bool = False           # DeepSeek-OCR 2's stage 3: the vision side all frozen, the GPT alone trains
     activation_checkpointing: bool = False # recompute SAM's global blocks in backward
     compile: bool = True                   # torch.compile the encoder and the GPT (CUDA only; the first steps compile)
     # data
-    data: str = "synthetic"                # reading (text lines made on the fly) | synthetic (pages) | real
-    reading: str = "grid"                  # reading pages: kind:weight,... of grid (a character per cell) and type
+    data: str = choice("synthetic", ("reading", "synthetic", "real"))  # reading pages | synthetic pages | the 9 sets
+    reading: str = choice("grid", READING_KINDS, many=True, weighted=True)  # reading pages: kind:weight,...
     text_fraction: float = 0.0             # share of text-only samples (stage 2: 0.1)
     num_synthetic: int = 20000             # synthetic pages (reading: the length of the stream)
-    synthetic_kinds: str = "document,table,chart,formula"
+    synthetic_kinds: str = choice("document,table,chart,formula", KINDS, many=True)  # kinds of synthetic page
     synthetic_min_size: int = 512
     synthetic_max_size: int = 1024
     max_samples: int = 0                   # per real dataset; 0 = all
-    modes: str = "base"                    # comma-separated; with several, each sample has a fixed one
+    modes: str = choice("base", MODES, many=True)  # with several, each sample has a fixed one
     seq_len: int = 4096
     device_batch_size: int = 4             # rows of seq_len tokens per micro-batch, whole samples packed into each
     total_batch_size: int = 0              # tokens per optimizer step; 0 = device_batch_size x seq_len x ranks
     num_workers: int = min(4, os.cpu_count() or 1)  # loader processes: no more than the cores
     # optimisation
     num_iterations: int = 1000
-    optimizer: str = "muon"                # muon (Muon for GPT matrices + AdamW) | adamw (everywhere, at adamw_lr)
+    optimizer: str = choice("muon", ("muon", "adamw"))  # muon: Muon for GPT matrices + AdamW | adamw: everywhere
     matrix_lr: float = 0.02
     embedding_lr: float = 0.2
     unembedding_lr: float = 0.004
     vision_lr: float = 5e-5
     adamw_lr: float = 5e-5
     weight_decay: float = 0.0
-    schedule: str = "cosine"               # cosine: warmup then cosine | step: x step_gamma at each milestone
+    schedule: str = choice("cosine", ("cosine", "step"))  # warmup then cosine | step: x step_gamma at each milestone
     warmup_steps: int = 100
     final_lr_frac: float = 0.0
     step_milestones: str = "0.6,0.85"      # fractions of num_iterations
@@ -91,10 +78,15 @@ class TrainConfig:
     save_every: int = 500
     keep_checkpoints: int = 0              # keep only the newest N checkpoints of the run; 0 = all
     resume: bool = False
+    overwrite: bool = False                # a new run where this stage and tag have checkpoints: delete them first
     skip_step: int = -1                    # drop the batches of this step (one that gave a non-finite loss) on resume
 
     def tag(self):
-        return self.model_tag or f"d{self.depth}" + ("-tiny" if self.encoder == "tiny" else "")
+        return self.model_tag or f"d{self.depth}" + ("" if self.encoder == "full" else f"-{self.encoder}")
+
+    def sources(self):
+        """The init sources of a new model: the ModelSources fields of this config."""
+        return ModelSources(**{f.name: getattr(self, f.name) for f in fields(ModelSources)})
 
 
 def lr_multiplier(cfg, step):
@@ -103,10 +95,8 @@ def lr_multiplier(cfg, step):
     if cfg.schedule == "cosine":
         progress = (step - cfg.warmup_steps) / max(1, cfg.num_iterations - cfg.warmup_steps)
         return cfg.final_lr_frac + (1 - cfg.final_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    if cfg.schedule == "step":
-        passed = sum(step >= float(m) * cfg.num_iterations for m in cfg.step_milestones.split(","))
-        return cfg.step_gamma ** passed
-    raise ValueError(f"unknown schedule {cfg.schedule!r}")
+    passed = sum(step >= float(m) * cfg.num_iterations for m in cfg.step_milestones.split(","))
+    return cfg.step_gamma ** passed
 
 
 def muon_momentum(step):
@@ -127,6 +117,11 @@ def peak_flops(device):
     return None
 
 
+def reading_kinds(spec):
+    """--reading 'grid:0.3,type:0.7' (a bare kind weighs 1; the field's choices checked it) -> [(kind, weight)]."""
+    return [(k, float(w or 1)) for k, _, w in (part.partition(":") for part in spec.split(","))]
+
+
 def build_tasks(cfg, split, world_size):
     """The training mixture, or the validation one: enough samples for the eval batches and for cer_pages pages
     among its text-only samples."""
@@ -138,157 +133,26 @@ def build_tasks(cfg, split, world_size):
                    cfg.max_samples, synthetic)
 
 
-def reading_kinds(spec):
-    """--reading 'grid:0.3,type:0.7' (a bare kind weighs 1) -> [(kind, weight)]."""
-    kinds = [(k, float(w or 1)) for k, _, w in (part.partition(":") for part in spec.split(","))]
-    unknown = [k for k, _ in kinds if k not in READING_KINDS]
-    if unknown:
-        raise UserError(f"--reading: unknown page kinds {unknown}; kinds are {list(READING_KINDS)}")
-    return kinds
-
-
-def blank_images(images):
-    """The same image dicts with every view a white page (uint8 255, or 1.0 once normalised)."""
-    def white(x):
-        return None if x is None else torch.full_like(x, 255 if x.dtype == torch.uint8 else 1.0)
-    return [dict(im, pixel_values=white(im["pixel_values"]), images_crop=white(im["images_crop"])) for im in images]
-
-
-def other_images(images):
-    """Each image swapped for another of the batch with the same layout (the next one, round the group)."""
-    groups = {}
-    for i, im in enumerate(images):
-        layout = (im["num_image_tokens"], tuple(im["images_spatial_crop"]), im["pixel_values"].shape)
-        groups.setdefault(layout, []).append(i)
-    swapped = list(images)
-    for members in groups.values():
-        for a, b in zip(members, members[1:] + members[:1]):
-            swapped[a] = images[b]
-    return swapped
-
-
-@torch.no_grad()
-def evaluate(model, cfg, val_task, tokenizer, rank, world_size, autocast):
-    """
-    Validation over cfg.eval_batches batches (all ranks together): the mean answer loss per target token, and the
-    image gap: how much that loss rises when each page's image is replaced by a blank page, or by another page of
-    the batch. A gap near zero means the model answers without looking.
-    """
-    model.eval()
-    loader = VisionDataLoader(val_task, tokenizer, cfg.modes.split(","), cfg.device_batch_size, cfg.seq_len, rank,
-                              world_size, seed=0, num_workers=0, shuffle=False)
-    total = torch.zeros(4, device=model.image_newline.device)  # summed loss: own, blank, other image; targets
-    for _, batch in zip(range(cfg.eval_batches), loader):
-        ids, targets, doc_ids, positions = (batch[k].to(total.device)
-                                            for k in ("input_ids", "targets", "doc_ids", "positions"))
-        for k, images in enumerate((batch["images"], blank_images(batch["images"]), other_images(batch["images"]))):
-            with autocast:
-                total[k] += model(ids, targets, images, "sum", doc_ids, positions).float()
-        total[3] += (targets != -1).sum()
-    if dist.is_initialized():
-        dist.all_reduce(total)
-    model.train()
-    own, blank, other = (total[:3] / total[3].clamp(min=1)).tolist()
-    return dict(val_loss=own, gap_blank=blank - own, gap_other=other - own)
-
-
-def collapse_watch_views(n, processor):
-    """The views of n fixed distinct synthetic pages for the collapse watch (None when n is 0: no watch). A page file
-    damaged on disk is named and rendered again."""
-    if n == 0:
-        return None
-    pages, views = SyntheticPages(n, seed=12345, sizes=(768, 1024)), []
-    for i in range(len(pages)):
-        try:
-            image = load_image(pages[i]["image_path"])
-        except ImageError as e:
-            warn0(f"collapse watch: {e}; rendering it again")
-            image = load_image(pages.render(i)["image_path"])
-        views.append(processor.process_image(image)["pixel_values"])
-    return torch.stack(views)
-
-
-@torch.no_grad()
-def encoder_collapse(model, views, autocast):
-    """Mean pairwise cosine similarity of the encoder outputs of distinct images: near 1, every page looks alike."""
-    model.eval()
-    with autocast:
-        features = model.encoder(views.to(model.image_newline.device)).flatten(1).float()
-    model.train()
-    sim = F.normalize(features, dim=-1) @ F.normalize(features, dim=-1).T
-    n = sim.size(0)
-    return ((sim.sum() - sim.diagonal().sum()) / (n * (n - 1))).item()
-
-
-def reading_copy(model):
-    """What an eval reads pages with: on CUDA an uncompiled bf16 copy, made once per eval (the compiled fp32 training
-    model would re-cast every weight at every decode step, and compile its encoder once more for no_grad)."""
-    if model.image_newline.device.type != "cuda":
-        return model
-    with torch.device("meta"):
-        copy = NanoDeepseekOCR(model.config)
-    copy.load_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, assign=True)
-    copy.gpt.cos, copy.gpt.sin = copy.gpt._precompute_rotary_embeddings(copy.gpt.rotary_seq_len)  # not in the state
-    return copy.eval()
-
-
-def read_pages(model, tokenizer, task, n, mode, max_tokens):
-    """Greedy-read the first n vision samples of a task: [(expected, read, kind of page)]. A sample whose image cannot
-    be read is reported and passed over."""
-    pages = []
-    for i in range(len(task)):
-        if len(pages) == n:
-            break
-        sample = task[i]
-        if "messages" in sample:
-            continue
-        try:
-            pages.append((i, sample_image(sample), sample["text"], sample["response"], sample.get("kind", "")))
-        except ImageError as e:
-            warn0(f"  sample {i}: skipped, {e}")
-    # reading past twice the longest answer only adds errors: a cap keeps an untrained model's eval short
-    max_tokens = min(max_tokens, 2 * max([len(tokenizer.encode(p[3])) for p in pages] + [0]) + 8)
-    model.eval()
-    read = dict(Engine(model, tokenizer).read_iter([p[:3] for p in pages], mode, max_tokens))
-    model.train()
-    return [(expected, read[i], kind) for i, _, _, expected, kind in pages]
-
-
-def character_error_rate(pages):
-    return sum(normalized_edit_distance(read, expected) for expected, read, _ in pages) / max(1, len(pages))
-
-
-def cer_by_kind(heldout, training):
-    """{kind: (held-out CER, training CER, pages)} when the pages are of several kinds, else {}."""
-    kinds = sorted({k for _, _, k in heldout})
-    if len(kinds) < 2:
-        return {}
-    return {k: (character_error_rate([p for p in heldout if p[2] == k]),
-                character_error_rate([p for p in training if p[2] == k]), sum(p[2] == k for p in heldout))
-            for k in kinds}
-
-
-def trained_on(cfg, init_meta):
-    """What a checkpoint has been trained on, this run and the ones before it: its modes and kinds of page (readers
-    default to its modes, reports say what it learned)."""
+def trained_data(cfg):
+    """What this run trains on, in words, for the checkpoint's record of what it learned."""
     if cfg.data == "reading":
         data = f"reading pages ({', '.join(k for k, _ in reading_kinds(cfg.reading))})"
     else:
         data = f"synthetic pages ({cfg.synthetic_kinds})" if cfg.data == "synthetic" else "the nine datasets"
-    data += f" + {cfg.text_fraction:.0%} text" if cfg.text_fraction else ""
-    modes = list(dict.fromkeys(init_meta.get("trained_modes", []) + cfg.modes.split(",")))
-    return dict(trained_modes=modes, trained_on=list(dict.fromkeys(init_meta.get("trained_on", []) + [data])))
+    return data + (f" + {cfg.text_fraction:.0%} text" if cfg.text_fraction else "")
 
 
 def configure_model(model, cfg, device):
-    """What the stage's config sets on a built model: SAM frozen or not, activation checkpointing, compilation."""
-    if cfg.freeze_sam:
-        model.encoder.freeze_sam()
-    model.encoder.set_activation_checkpointing(cfg.activation_checkpointing)
+    """What the stage's config sets on a built model: what is frozen, activation checkpointing in SAM's global blocks
+    (they dominate activation memory at 1024 px), compilation."""
+    for name, p in model.named_parameters():
+        vision, sam = not name.startswith("gpt."), name.startswith("encoder.sam_model.")
+        if cfg.freeze_encoder and vision or cfg.freeze_sam and sam:
+            p.requires_grad_(False)
+    model.encoder.sam_model.grad_checkpointing = cfg.activation_checkpointing
     if cfg.compile and device.type == "cuda":  # in place: parameter names stay as they are in checkpoints
         for part in (model.encoder, model.gpt):
-            if part._compiled_call_impl is None:  # once: a second compile() would start over
-                part.compile()
+            part.compile()
 
 
 def ranks_in_sync(model):
@@ -302,13 +166,46 @@ def ranks_in_sync(model):
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
+def check_modes(modes, version):
+    """The modes must be those of the model's encoder: their slot layouts differ."""
+    wrong = [m for m in modes if MODES[m]["encoder"] != version]
+    if wrong:
+        fits = ",".join(m for m, spec in MODES.items() if spec["encoder"] == version)
+        raise UserError(f"--modes: {','.join(wrong)} not for the {version} encoder; its modes are {fits}")
+
+
 def check_config(cfg):
-    """The ordinary mistakes, each one line before anything slow: bad modes or page kinds, a collapse watch of one
-    page, --resume with nothing to resume, a new model without a tokenizer."""
-    unknown = [m for m in cfg.modes.split(",") if m not in MODES]
-    if unknown:
-        raise UserError(f"--modes: unknown modes {unknown}; modes are {','.join(MODES)}")
-    reading_kinds(cfg.reading)
+    """The ordinary mistakes, each one line before anything slow: a value outside a field's choices, modes or weights
+    that do not fit the encoder, a collapse watch of one page, --resume with nothing to resume, a new model without a
+    tokenizer."""
+    check_choices(cfg)
+    for name in ("device_batch_size", "seq_len", "num_iterations", "num_workers", "eval_batches", "total_batch_size",
+                 "save_every", "eval_every", "keep_checkpoints", "cer_pages", "sample_count", "sample_tokens"):
+        least = 1 if name in ("device_batch_size", "seq_len", "sample_tokens") else 0
+        if getattr(cfg, name) < least:
+            raise UserError(f"--{name}={getattr(cfg, name)}: {'a positive' if least else 'a non-negative'} integer, "
+                            "please")
+    try:
+        milestones = [float(m) for m in cfg.step_milestones.split(",")]
+    except ValueError:
+        milestones = [-1.0]
+    if not all(0 < m <= 1 for m in milestones):
+        raise UserError(f"--step_milestones={cfg.step_milestones}: fractions of num_iterations in (0, 1], "
+                        "comma-separated (0.6,0.85)")
+    if cfg.init_from:
+        try:
+            resolve_checkpoint(cfg.init_from)  # a missing or damaged one is named here, not after the data is built
+        except FileNotFoundError as e:
+            raise UserError(f"--init_from: {e}") from None
+    existing = [os.path.basename(c) for c in list_checkpoints(checkpoint_dir(cfg.stage, cfg.tag()))]
+    if existing and not (cfg.resume or cfg.overwrite):
+        raise UserError(f"{checkpoint_dir(cfg.stage, cfg.tag())} already holds a run ({', '.join(existing[-3:])}): "
+                        "--resume continues it, --overwrite replaces it, another --model_tag keeps both")
+    if not (cfg.resume or cfg.init_from):  # else the checkpoint's encoder decides, once it is loaded
+        check_modes(cfg.modes.split(","), encoder_version(cfg.encoder))
+        if INIT_ENCODERS[cfg.init_encoder] not in (None, encoder_version(cfg.encoder)):
+            raise UserError(f"--init_encoder={cfg.init_encoder} is for the {INIT_ENCODERS[cfg.init_encoder]} encoder, "
+                            f"not --encoder={cfg.encoder}")
     if cfg.collapse_images == 1 or cfg.collapse_images < 0:
         raise UserError("--collapse_images compares pages pairwise: 2 or more, or 0 for no collapse watch")
     if cfg.resume and not list_checkpoints(checkpoint_dir(cfg.stage, cfg.tag())):
@@ -321,9 +218,28 @@ def check_config(cfg):
                             "--tokenizer DIR or --init_gpt with a nanochat checkpoint")
 
 
-def train(cfg, prebuilt=None):
-    """One training run of cfg. prebuilt: (model, tokenizer) to train instead of building one (gpu_check's single
-    compiled model)."""
+def log_eval(cfg, step, metrics, samples, warn_gap):
+    """An eval's lines in the log, and its warnings: a collapsing encoder, a model that barely looks."""
+    m = metrics
+    print0(f"step {step:05d} | val loss {m['val_loss']:.4f} | image gap blank {m['gap_blank']:+.3f} other "
+           f"{m['gap_other']:+.3f} | encoder similarity {m['encoder_similarity']:.4f}")
+    if m["encoder_similarity"] > cfg.collapse_warn:
+        warn0(f"step {step:05d} | WARNING: encoder outputs are collapsing (similarity {m['encoder_similarity']:.4f})")
+    if warn_gap and m["gap_blank"] < cfg.gap_warn:
+        warn0(f"step {step:05d} | WARNING: the model barely looks at the image (a blank page costs it "
+              f"{m['gap_blank']:+.3f} nats per token)")
+    if "heldout_cer" in m:
+        kinds = "".join(f" | {k[12:]} {v:.3f} / {m['training_cer/' + k[12:]]:.3f} ({m['cer_pages/' + k[12:]]})"
+                        for k, v in m.items() if k.startswith("heldout_cer/"))
+        print0(f"step {step:05d} | held-out CER {m['heldout_cer']:.3f} ({m['cer_pages']} pages) | training CER "
+               f"{m['training_cer']:.3f} ({m['cer_pages']} pages){kinds}")
+        for expected, read, _ in samples:
+            print0(f"  {'EXACT' if read == expected else 'differs'} | expected {expected[:60]!r} | read {read[:60]!r}")
+
+
+def train(cfg):
+    """One training run of cfg. Returns what it measured: dict(start_step, losses, steps, history, skipped_samples,
+    checkpoint, elapsed, peak_memory_gib); history holds every eval's metrics with its step."""
     check_config(cfg)
     ddp, rank, local_rank, world_size, device = compute_init(cfg.device_type or None)
     master = rank == 0
@@ -335,12 +251,13 @@ def train(cfg, prebuilt=None):
         import wandb
         wandb_run = wandb.init(project="nano-deepseek-ocr", name=cfg.run, config=asdict(cfg))
 
+    if cfg.overwrite and not cfg.resume and master:  # what the run it replaces wrote goes first
+        for old in list_checkpoints(out_dir):
+            shutil.rmtree(old)
+
     # ---- model and tokenizer: new from the init sources, from a checkpoint of ours, or resumed ----
     start_step, state, init_meta = 0, None, {}
-    if prebuilt:
-        model, tokenizer = prebuilt
-        origin = "a model built by the caller"
-    elif cfg.resume:
+    if cfg.resume:
         ckpt = resolve_checkpoint(out_dir)
         model, tokenizer, init_meta = load_model(ckpt, device)
         start_step, state = init_meta["step"], load_training_state(ckpt, rank)
@@ -350,15 +267,17 @@ def train(cfg, prebuilt=None):
         model, tokenizer, init_meta = load_model(ckpt, device)
         origin = f"started from {ckpt}"
     else:
-        model, tokenizer = new_model(cfg, device)
+        model, tokenizer = new_model(cfg.sources(), cfg.seq_len, device)
         origin = (f"new: GPT {'from ' + cfg.init_gpt if cfg.init_gpt else f'd{cfg.depth} from scratch'} "
-                  f"(nanochat's {model.gpt_generation()} generation), encoder {cfg.init_encoder}")
+                  f"(nanochat's {model.config.gpt.generation} generation), encoder {cfg.encoder} {cfg.init_encoder}")
     print0(origin)
+    check_modes(cfg.modes.split(","), model.encoder_version)
+    record = learned_after(init_meta, trained_data(cfg), cfg.modes.split(","))  # what its checkpoints will have learned
     configure_model(model, cfg, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_params, n_train = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trainable)
-    frozen = "SAM frozen" if cfg.freeze_sam else "nothing frozen"
-    print0(f"model: {n_params:,} parameters, {n_train:,} trainable ({frozen})")
+    frozen = "the encoder" if cfg.freeze_encoder else "SAM" if cfg.freeze_sam else "nothing"
+    print0(f"model: {n_params:,} parameters, {n_train:,} trainable ({frozen} frozen)")
 
     # ---- optimizers and data ----
     optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.vision_lr,
@@ -373,79 +292,53 @@ def train(cfg, prebuilt=None):
         raise ValueError(f"total_batch_size {total_batch} is not a multiple of device_batch_size x seq_len x ranks "
                          f"({tokens_per_micro_batch} tokens)")
     grad_accum = total_batch // tokens_per_micro_batch
-    if state is not None:
+    if state is not None:  # resume: the optimizers, the loader's place and the RNG as they were
         for opt, opt_state in zip(optimizers, state["optimizers"]):
             opt.load_state_dict(opt_state)
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
     print0(f"{len(train_task):,} training samples, batch {total_batch:,} tokens = {cfg.device_batch_size} rows of "
            f"{cfg.seq_len} x {world_size} ranks x {grad_accum} accumulation steps, modes {modes}")
-
-    # ---- the collapse watch: fixed distinct pages whose encoder outputs must stay apart ----
-    collapse_views = collapse_watch_views(cfg.collapse_images, DeepseekOCRProcessor(modes[0]))
+    collapse_views = collapse_watch_views(cfg.collapse_images, modes[0])  # fixed distinct pages, kept apart
     peak = peak_flops(device)
 
-    # ---- the loop ----
+    # ---- the loop: what it measures is kept in named lists, and every eval in the history ----
     train_iter = iter(loader)
-    summary = dict(losses=[], steps=[], val_loss=None, similarity=[], samples=[], cer=[], cer_by_kind=[],
-                   start_step=start_step, **trained_on(cfg, init_meta),
-                   n_params=n_params, n_train=n_train, origin=origin, skipped_samples=[])
+    losses, steps, history, samples, skipped, checkpoint = [], [], [], [], [], None
     t_start, dt_ema, step = time.time(), None, start_step
     while True:
         # evaluate: validation loss and image gap, the collapse watch, and reading held-out and training pages
         last = step >= cfg.num_iterations
         if cfg.eval_every > 0 and (last or step % cfg.eval_every == 0):
-            summary.update(evaluate(model, cfg, val_task, tokenizer, rank, world_size, autocast))
-            similarity = encoder_collapse(model, collapse_views, autocast) if collapse_views is not None else float("nan")
-            summary["similarity"].append((step, similarity))
-            print0(f"step {step:05d} | val loss {summary['val_loss']:.4f} | image gap blank {summary['gap_blank']:+.3f}"
-                   f" other {summary['gap_other']:+.3f} | encoder similarity {similarity:.4f}")
-            if similarity > cfg.collapse_warn:
-                warn0(f"step {step:05d} | WARNING: encoder outputs are collapsing (similarity {similarity:.4f})")
-            if step > start_step and summary["gap_blank"] < cfg.gap_warn:
-                warn0(f"step {step:05d} | WARNING: the model barely looks at the image (a blank page costs it "
-                      f"{summary['gap_blank']:+.3f} nats per token)")
-            wandb_run.log(dict(step=step, val_loss=summary["val_loss"], gap_blank=summary["gap_blank"],
-                               gap_other=summary["gap_other"], encoder_similarity=similarity))
-            if master and cfg.cer_pages > 0:
-                reader = reading_copy(model)
-                heldout = read_pages(reader, tokenizer, val_task, cfg.cer_pages, modes[0], cfg.sample_tokens)
-                training = read_pages(reader, tokenizer, train_task, cfg.cer_pages, modes[0], cfg.sample_tokens)
-                del reader
-                summary["cer"].append((step, character_error_rate(heldout), character_error_rate(training),
-                                       len(heldout)))
-                summary["cer_by_kind"].append((step, cer_by_kind(heldout, training)))
-                summary["samples"] = heldout[:cfg.sample_count]
-                kinds = "".join(f" | {k} {h:.3f} / {t:.3f} ({n})" for k, (h, t, n) in summary["cer_by_kind"][-1][1].items())
-                print0(f"step {step:05d} | held-out CER {summary['cer'][-1][1]:.3f} ({len(heldout)} pages) | "
-                       f"training CER {summary['cer'][-1][2]:.3f} ({len(training)} pages){kinds}")
-                for expected, read, _ in summary["samples"]:
-                    verdict = "EXACT" if read == expected else "differs"
-                    print0(f"  {verdict} | expected {expected[:60]!r} | read {read[:60]!r}")
-                wandb_run.log(dict(step=step, heldout_cer=summary["cer"][-1][1], training_cer=summary["cer"][-1][2]))
+            metrics, heldout = evaluate(model, tokenizer, val_task, train_task, modes,
+                                        batch_size=cfg.device_batch_size, seq_len=cfg.seq_len,
+                                        batches=cfg.eval_batches, cer_pages=cfg.cer_pages, max_tokens=cfg.sample_tokens,
+                                        collapse_views=collapse_views, rank=rank, world_size=world_size)
+            history.append(dict(step=step, **metrics))
+            samples = heldout[:cfg.sample_count] or samples
+            log_eval(cfg, step, metrics, samples, warn_gap=step > start_step)
+            wandb_run.log(dict(step=step, **metrics))
         if last:
             break
 
         # forward and backward over grad_accum micro-batches
         t0 = time.time()
         loss_sum = torch.zeros((), device=device)
-        flops, tokens, images = 0, 0, 0
+        flops, tokens, images, data_s = 0, 0, 0, 0.0
         if step == cfg.skip_step:  # the batches that gave a non-finite loss: drawn and dropped
             for _ in range(grad_accum):
                 next(train_iter)
             print0(f"step {step}: skipped its {grad_accum} batch(es) (--skip_step)")
-        data_s = 0.0
         for _ in range(grad_accum):
             t_data = time.time()
             batch = next(train_iter)
             data_s += time.time() - t_data
             for detail in batch["skip_details"]:  # a bad file is named the first time; later skips are only counted
-                if detail not in summary["skipped_samples"]:
+                if detail not in skipped:
                     warn0(f"skipped sample: {detail} (further skips are counted in the step lines)")
-                    summary["skipped_samples"].append(detail)
+                    skipped.append(detail)
             with autocast:
-                loss = model(*(batch[k].to(device) for k in ("input_ids", "targets")), batch["images"],
-                             doc_ids=batch["doc_ids"].to(device), positions=batch["positions"].to(device))
+                loss = model.batch_loss(batch)
             loss_sum += loss.detach()
             (loss / grad_accum).backward()
             flops += model.train_flops(batch["doc_lengths"], batch["images"])
@@ -459,9 +352,9 @@ def train(cfg, prebuilt=None):
         if bad.item():
             saved = [os.path.basename(c) for c in list_checkpoints(out_dir)]
             warn0(f"step {step}: the loss is not finite ({loss_sum.item() / grad_accum}); stopped before the update. "
-                   f"The newest checkpoint ({saved[-1] if saved else 'none'} in {out_dir}) holds the weights that led "
-                   f"here, and --resume replays the same batches: resume with --skip_step={step} to drop this step's "
-                   f"batches, or with lower learning rates if the loss was climbing.")
+                  f"The newest checkpoint ({saved[-1] if saved else 'none'} in {out_dir}) holds the weights that led "
+                  f"here, and --resume replays the same batches: resume with --skip_step={step} to drop this step's "
+                  f"batches, or with lower learning rates if the loss was climbing.")
             compute_cleanup()
             raise SystemExit(1)
 
@@ -472,7 +365,7 @@ def train(cfg, prebuilt=None):
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize()  # so the optimizer's share of the step is timed alone
         t_opt = time.time()
         lrm = lr_multiplier(cfg, step)
         for opt in optimizers:
@@ -489,90 +382,91 @@ def train(cfg, prebuilt=None):
         step += 1
 
         # logging
-        loss_value = loss_sum.item() / grad_accum
-        summary["losses"].append(loss_value)
+        losses.append(loss_sum.item() / grad_accum)
         dt_ema = dt if dt_ema is None else 0.9 * dt_ema + 0.1 * dt
-        mfu_value = flops / dt / (peak * world_size) if peak else None
-        mfu = f"{100 * mfu_value:.1f}%" if peak else "-"
+        mfu = flops / dt / (peak * world_size) if peak else None
+        steps.append(dict(dt=dt, data_s=data_s, opt_s=opt_s, tokens=tokens * world_size, images=images * world_size,
+                          mfu=mfu))
         eta = dt_ema * (cfg.num_iterations - step)
-        skipped = f" | skipped {dict(loader.skipped)}" if loader.skipped else ""
-        print0(f"step {step:05d}/{cfg.num_iterations} | loss {loss_value:.4f} | lrm {lrm:.3f} | "
-               f"tok/s {tokens * world_size / dt:,.0f} | img/s {images * world_size / dt:.1f} | mfu {mfu} | "
-               f"dt {dt * 1000:.0f}ms | eta {eta / 60:.1f}m" + skipped)
-        wandb_run.log(dict(step=step, loss=loss_value, lrm=lrm, dt=dt, tokens_per_s=tokens * world_size / dt))
-        summary["final_loss"] = loss_value
-        summary["steps"].append(dict(dt=dt, data_s=data_s, opt_s=opt_s, tokens=tokens * world_size,
-                                     images=images * world_size,
-                                     tokens_per_s=tokens * world_size / dt, images_per_s=images * world_size / dt,
-                                     mfu=mfu_value))
+        more = f" | skipped {dict(loader.skipped)}" if loader.skipped else ""
+        print0(f"step {step:05d}/{cfg.num_iterations} | loss {losses[-1]:.4f} | lrm {lrm:.3f} | "
+               f"tok/s {tokens * world_size / dt:,.0f} | img/s {images * world_size / dt:.1f} | "
+               f"mfu {'-' if mfu is None else f'{100 * mfu:.1f}%'} | dt {dt * 1000:.0f}ms | eta {eta / 60:.1f}m" + more)
+        wandb_run.log(dict(step=step, loss=losses[-1], lrm=lrm, dt=dt, tokens_per_s=tokens * world_size / dt))
 
         # checkpoint
         if step == cfg.num_iterations or (cfg.save_every > 0 and step % cfg.save_every == 0):
-            meta = dict(train_config=asdict(cfg), train_loss=loss_value, val_loss=summary["val_loss"],
-                        world_size=world_size, heldout_cer=summary["cer"][-1][1] if summary["cer"] else None,
-                        **trained_on(cfg, init_meta))
-            summary["checkpoint"] = save_checkpoint(out_dir, step, model, tokenizer, meta, optimizers,
-                                                    loader.state_dict(), rank, cfg.keep_checkpoints)
-            print0(f"saved {summary['checkpoint']}")
+            cer = [h["heldout_cer"] for h in history if "heldout_cer" in h]
+            meta = dict(train_config=asdict(cfg), train_loss=losses[-1], world_size=world_size,
+                        val_loss=history[-1]["val_loss"] if history else None, heldout_cer=cer[-1] if cer else None,
+                        **record)
+            checkpoint = save_checkpoint(out_dir, step, model, tokenizer, meta, optimizers, loader.state_dict(), rank,
+                                         cfg.keep_checkpoints)
+            print0(f"saved {checkpoint}")
 
-    summary["elapsed"] = time.time() - t_start
-    summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    summary["ranks_in_sync"] = ranks_in_sync(model)
+    elapsed = time.time() - t_start
+    peak_memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    in_sync = ranks_in_sync(model)
     if ddp:
-        print0(f"parameters identical on all {world_size} ranks: {summary['ranks_in_sync']}")
+        print0(f"parameters identical on all {world_size} ranks: {in_sync}")
     if master:
-        write_report(cfg, summary)
+        write_report(cfg, origin, record, (n_params, n_train), start_step, losses, steps, history, samples, skipped,
+                     elapsed)
     wandb_run.finish()
     compute_cleanup()
-    return summary
+    return dict(start_step=start_step, losses=losses, steps=steps, history=history, skipped_samples=skipped,
+                checkpoint=checkpoint, elapsed=elapsed, peak_memory_gib=peak_memory)
 
 
-def write_report(cfg, summary):
-    """This stage's section of report.md, with the CER curve beside it as a PNG."""
-    val = "-" if summary["val_loss"] is None else f"{summary['val_loss']:.4f}"
-    unused = ("init_gpt", "init_gpt_step", "gpt_generation", "init_encoder", "sam_source", "clip_source", "deepseek_source", "depth",
-              "encoder", "tokenizer", "vocab_size") if cfg.init_from or cfg.resume else ()  # the checkpoint's
-    steps = summary["steps"]
+def write_report(cfg, origin, record, n_params, start_step, losses, steps, history, samples, skipped, elapsed):
+    """This stage's section of report.md, with the CER curve beside it as a PNG. record: what the checkpoints learned
+    (checkpoint.learned_after); n_params: (all, trainable); the rest as train() keeps them."""
+    last = history[-1] if history else {}
+    val = f"{last['val_loss']:.4f}" if last else "-"
+    sources = {f.name for f in fields(ModelSources)} if cfg.init_from or cfg.resume else set()  # the checkpoint's
+    defaults = asdict(TrainConfig())
     seconds = sum(s["dt"] for s in steps) or float("nan")
     mfus = [s["mfu"] for s in steps if s["mfu"] is not None]
     lines = [
-        f"- {summary['origin']}",
-        f"- trained on (with what it started from): {', '.join(summary['trained_on'])}, in "
-        f"{' / '.join(summary['trained_modes'])} mode",
-        f"- config: {', '.join(f'{k}={v}' for k, v in asdict(cfg).items() if k not in unused)}",
-        f"- parameters: {summary['n_params']:,} ({summary['n_train']:,} trainable)",
-        f"- steps {summary['start_step']} -> {summary['start_step'] + len(summary['losses'])}, "
-        f"{summary['elapsed'] / 60:.1f} min; final train loss {summary.get('final_loss', float('nan')):.4f}; "
-        f"val loss {val}",
+        f"- {origin}",
+        f"- trained on (with what it started from): {', '.join(record['trained_on'])}, in "
+        f"{' / '.join(record['trained_modes'])} mode",
+        "- what it can read: pages like those, in that mode; other kinds of page (and real documents, unless listed) "
+        "it has never been shown, and it reads them poorly or not at all",
+        "- options set (the rest are TrainConfig's defaults): " +
+        ", ".join(f"{k}={v}" for k, v in asdict(cfg).items() if k not in sources and v != defaults[k]),
+        f"- parameters: {n_params[0]:,} ({n_params[1]:,} trainable)",
+        f"- steps {start_step} -> {start_step + len(losses)}, {elapsed / 60:.1f} min; final train loss "
+        f"{losses[-1] if losses else float('nan'):.4f}; val loss {val}",
         f"- throughput over the run's {len(steps)} steps: {sum(s['tokens'] for s in steps) / seconds:,.0f} tok/s, "
         f"{sum(s['images'] for s in steps) / seconds:.1f} img/s, "
         f"MFU {f'{100 * sum(mfus) / len(mfus):.1f}%' if mfus else '-'}",
         "- encoder similarity (collapse watch) at each eval: " +
-        ", ".join(f"{step}: {sim:.4f}" for step, sim in summary["similarity"]),
+        ", ".join(f"{h['step']}: {h['encoder_similarity']:.4f}" for h in history),
     ]
-    skipped = summary["skipped_samples"]
     if skipped:
-        more = " ..." if len(skipped) > 20 else ""
-        lines.append(f"- skipped samples ({len(skipped)}): " + "; ".join(skipped[:20]) + more)
-    if summary["val_loss"] is not None:
+        lines.append(f"- skipped samples ({len(skipped)}): " + "; ".join(skipped[:20]) + (" ..." if len(skipped) > 20
+                                                                                           else ""))
+    if last:
         lines.append(f"- image gap (answer loss with a blank page / another page's image, minus with its own): "
-                     f"{summary['gap_blank']:+.3f} / {summary['gap_other']:+.3f} nats per token")
-    if summary["cer"]:
-        _, heldout, training, n = summary["cer"][-1]
+                     f"{last['gap_blank']:+.3f} / {last['gap_other']:+.3f} nats per token")
+    cer = [h for h in history if "heldout_cer" in h]
+    if cer:
+        end = cer[-1]
         curve = f"cer_{cfg.stage}_{cfg.tag()}.png"
-        line_plot({"held-out CER": [(s, h) for s, h, _, _ in summary["cer"]],
-                   "training CER": [(s, t) for s, _, t, _ in summary["cer"]]},
-                  os.path.join(base_dir(), curve), "step", "character error rate")
-        lines += [f"- held-out CER: {heldout:.3f} ({n} pages)", f"- training CER: {training:.3f} ({n} pages)"]
-        first_step, before = summary["cer"][0][:2]
-        if cfg.init_from and first_step == 0 and heldout > before:  # the same pages, read before the first step
-            lines.append(f"- **this stage made the held-out CER worse**: {before:.3f} before its first step, "
-                         f"{heldout:.3f} after it")
-        lines += [f"- held-out CER on {kind} pages: {h:.3f} ({k} pages); training CER {t:.3f}"
-                  for kind, (h, t, k) in summary["cer_by_kind"][-1][1].items()]
-        lines += [
-                  "- CER at each eval (step: held-out / training): " +
-                  ", ".join(f"{s}: {h:.3f} / {t:.3f}" for s, h, t, _ in summary["cer"]),
+        line_plot({"held-out CER": [(h["step"], h["heldout_cer"]) for h in cer],
+                   "training CER": [(h["step"], h["training_cer"]) for h in cer]},
+                  os.path.join(base_dir(), curve), "step", "character error rate",
+                  f"{cfg.stage} ({cfg.tag()}): character error rate on {end['cer_pages']} pages")
+        lines += [f"- held-out CER: {end['heldout_cer']:.3f} ({end['cer_pages']} pages)",
+                  f"- training CER: {end['training_cer']:.3f} ({end['cer_pages']} pages)"]
+        if cfg.init_from and cer[0]["step"] == 0 and end["heldout_cer"] > cer[0]["heldout_cer"]:  # the same pages
+            lines.append(f"- **this stage made the held-out CER worse**: {cer[0]['heldout_cer']:.3f} before its first "
+                         f"step, {end['heldout_cer']:.3f} after it")
+        lines += [f"- held-out CER on {k[12:]} pages: {v:.3f} ({end['cer_pages/' + k[12:]]} pages); training CER "
+                  f"{end['training_cer/' + k[12:]]:.3f}" for k, v in end.items() if k.startswith("heldout_cer/")]
+        lines += ["- CER at each eval (step: held-out / training): " +
+                  ", ".join(f"{h['step']}: {h['heldout_cer']:.3f} / {h['training_cer']:.3f}" for h in cer),
                   f"![character error rate]({curve})"]
-        lines += [f"- held-out page: expected `{e[:80]!r}` / read `{r[:80]!r}`" for e, r, _ in summary["samples"]]
+        lines += [f"- held-out page: expected `{e[:80]!r}` / read `{r[:80]!r}`" for e, r, _ in samples]
     return append_report(f"Training {cfg.stage} ({cfg.tag()})", lines)

@@ -1,16 +1,18 @@
 """
-The DeepEncoder: (B, 3, S, S) views -> (B, (S/64)^2, n_embd). SAM-ViT-B and its 16x conv compressor make an
-(S/64) x (S/64) grid of 1024 channels; CLIP-L/14 runs over that grid as its patch embeddings; the two are
-concatenated per position (CLIP first, as DeepSeek-OCR) and projected to the GPT's width.
+The two encoders: (B, 3, S, S) uint8 views, normalised here -> (B, (S/64)^2, n_embd). SAM-ViT-B and its 16x conv
+compressor make an (S/64) x (S/64) grid. DeepEncoder (DeepSeek-OCR): CLIP-L/14 runs over that grid (1024 channels) as
+its patch embeddings, the two are concatenated per position (CLIP first) and projected to the GPT's width.
+DeepEncoderV2 (DeepSeek-OCR 2): a Qwen2 stack reads the grid (896 channels) through as many learned queries, whose
+outputs are projected.
 """
-import math
-
 import torch
 import torch.nn as nn
 
 from deepencoder.build_linear import MlpProjector
 from deepencoder.clip_sdpa import VitModel, CLIPConfig
-from deepencoder.sam_vary_sdpa import ImageEncoderViT, SAMConfig, folded_width
+from deepencoder.qwen2_encoder import Qwen2Encoder, Qwen2EncoderConfig
+from deepencoder.sam_vary_sdpa import ImageEncoderViT, SAMConfig
+from image_process import normalize
 
 
 def tiny_encoder_configs():
@@ -21,8 +23,25 @@ def tiny_encoder_configs():
     return sam, clip
 
 
+ENCODERS = ("full", "tiny", "v2", "v2-tiny")
+
+
+def encoder_configs(name):
+    """The encoders the training scripts build by name -> (SAMConfig, CLIPConfig or None, Qwen2EncoderConfig or None):
+    full (SAM-B + CLIP-L), tiny (the CPU demo's), v2 (SAM-B + Qwen2-0.5B, DeepSeek-OCR 2's), v2-tiny (its CPU size,
+    with one query bank, for 512-px views)."""
+    sam, clip = tiny_encoder_configs() if name.endswith("tiny") else (SAMConfig(), CLIPConfig())
+    if name == "v2":
+        return SAMConfig(net3_chans=896), None, Qwen2EncoderConfig()
+    if name == "v2-tiny":
+        return sam, None, Qwen2EncoderConfig(n_layer=2, hidden_size=128, num_heads=2, num_kv_heads=1,
+                                             intermediate_size=256, query_sizes=(512,))
+    return sam, clip, None
+
+
 class DeepEncoder(nn.Module):
-    """(B, 3, S, S) views -> (B, (S/64)^2, n_embd): SAM grid -> CLIP over that grid -> [CLIP, SAM] -> projector."""
+    """(B, 3, S, S) uint8 views -> (B, (S/64)^2, n_embd): SAM grid -> CLIP over that grid -> [CLIP, SAM] ->
+    projector."""
     def __init__(self, sam_config, clip_config, n_embd):
         super().__init__()
         assert clip_config.hidden_size == sam_config.net3_chans, "CLIP takes the compressed SAM grid as its patches"
@@ -30,55 +49,53 @@ class DeepEncoder(nn.Module):
         self.vision_model = VitModel(clip_config)
         self.projector = MlpProjector(sam_config.net3_chans + clip_config.hidden_size, n_embd)
 
-    def forward(self, pixel_values):
-        sam = self.sam_model(pixel_values)
+    def forward(self, pixels):
+        sam = self.sam_model(normalize(pixels))
         clip = self.vision_model(sam)
         features = torch.cat([clip[:, 1:], sam.flatten(2).transpose(1, 2)], dim=-1)  # CLIP first, as DeepSeek-OCR
         return self.projector(features)
-
-    def freeze_sam(self):
-        """Stage 2: SAM + net_2 + net_3 stop training."""
-        self.sam_model.requires_grad_(False)
-
-    def set_activation_checkpointing(self, enabled):
-        """Recompute SAM's global-attention blocks in backward: they dominate activation memory at 1024 px."""
-        self.sam_model.grad_checkpointing = enabled
 
     def init_weights(self):
         for module in self.modules():
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
-        nn.init.normal_(self.sam_model.pos_embed, std=0.02)
-        for block in self.sam_model.blocks:
-            nn.init.zeros_(block.attn.rel_pos_h)  # SAM's rel_pos_zero_init
-            nn.init.zeros_(block.attn.rel_pos_w)
+        self.sam_model.init_positions()
         emb = self.vision_model.embeddings
         nn.init.normal_(emb.class_embedding, std=emb.class_embedding.numel() ** -0.5)
         nn.init.normal_(emb.position_embedding.weight, std=0.02)
 
     def flops(self, size):
-        """Forward FLOPs for one size x size view, per part: sam (with neck and compressor), clip, projector."""
-        s, c = self.sam_model.config, self.vision_model.config
-        g = size // s.patch_size
-        C = s.embed_dim
-        # SAM: patch embedding, then per block qkv/proj, attention with its relative-position terms, and the MLP
-        sam = 2 * 3 * s.patch_size ** 2 * C * g * g
-        for i in range(s.depth):
-            w = g if i in s.global_attn_indexes else s.window_size
-            t_attn = g * g if w == g else math.ceil(g / w) ** 2 * w * w  # window blocks attend over padded windows
-            sam += 2 * C * 3 * C * t_attn + 2 * C * C * t_attn            # qkv, proj
-            folded = s.num_heads * folded_width(C // s.num_heads, w, w)  # q.k with the bias folded in
-            sam += 2 * t_attn * w * w * (folded + C) + 4 * t_attn * w * C  # attention, relative-position einsums
-            n_rel, n_stored = 2 * w - 1, 2 * (s.img_size // s.patch_size if w == g else s.window_size) - 1
-            sam += 2 * (2 * w * w * n_stored * C // s.num_heads)          # relative-position tables (h and w)
-            sam += 2 * (2 * w * w * n_rel * n_stored) if n_rel != n_stored else 0  # their resize
-            sam += 4 * C * int(C * s.mlp_ratio) * g * g                    # mlp
-        # the neck (1x1 and 3x3 convs), then the two stride-2 convs of the compressor
-        sam += 2 * C * s.out_chans * g * g + 2 * 9 * s.out_chans ** 2 * g * g
-        sam += 2 * 9 * s.out_chans * s.net2_chans * (g // 2) ** 2 + 2 * 9 * s.net2_chans * s.net3_chans * (g // 4) ** 2
-        # CLIP over the q x q grid plus CLS, then the projector on the q x q features
-        q = g // 4
+        """Forward FLOPs for one size x size view, by part (the submodules' names): SAM with its neck and compressor,
+        CLIP over the q x q grid plus CLS, the projector on the q x q features."""
+        c, q = self.vision_model.config, size // self.sam_model.config.patch_size // 4
         T, H = q * q + 1, c.hidden_size
         clip = c.num_layers * (2 * H * 3 * H * T + 2 * H * H * T + 4 * H * c.ffn_dim * T + 4 * T * T * H)
         projector = 2 * self.projector.layers.in_features * self.projector.layers.out_features * q * q
-        return dict(sam=sam, clip=clip, projector=projector)
+        return dict(sam_model=self.sam_model.flops(size), vision_model=clip, projector=projector)
+
+
+class DeepEncoderV2(nn.Module):
+    """(B, 3, S, S) uint8 views -> (B, (S/64)^2, n_embd): SAM grid -> Qwen2 over [grid tokens, queries] -> the
+    queries' outputs -> projector."""
+    def __init__(self, sam_config, qwen2_config, n_embd):
+        super().__init__()
+        assert qwen2_config.hidden_size == sam_config.net3_chans, "the Qwen2 stack reads the compressed SAM grid"
+        self.sam_model = ImageEncoderViT(sam_config)
+        self.qwen2_model = Qwen2Encoder(qwen2_config)
+        self.projector = MlpProjector(qwen2_config.hidden_size, n_embd)
+
+    def forward(self, pixels):
+        return self.projector(self.qwen2_model(self.sam_model(normalize(pixels))))
+
+    def init_weights(self):
+        for module in self.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        self.sam_model.init_positions()
+        self.qwen2_model.init_weights()
+
+    def flops(self, size):
+        """Forward FLOPs for one size x size view, by part (the submodules' names)."""
+        q = size // self.sam_model.config.patch_size // 4
+        return dict(sam_model=self.sam_model.flops(size), qwen2_model=self.qwen2_model.flops(q),
+                    projector=2 * self.projector.layers.in_features * self.projector.layers.out_features * q * q)

@@ -3,9 +3,13 @@ Pretrained weights into our module names. Every source is a hub id, a local dire
 (safetensors or torch). A load is all or nothing: missing, unexpected or mis-shaped keys raise an error
 that names them; the only keys allowed to stay at random init are the ones with no pretrained source.
 
-  SAM   facebook/sam-vit-base (transformers layout) | Meta's sam_vit_b_01ec64.pth (image_encoder.*)
+  SAM   facebook/sam-vit-base (transformers layout) | Meta's sam_vit_b_01ec64.pth (image_encoder.*) |
+        deepseek-ai/DeepSeek-OCR (model.sam_model.*; a compressor conv of another width keeps its init)
   CLIP  openai/clip-vit-large-patch14 (with or without the vision_model. prefix)
-  all   deepseek-ai/DeepSeek-OCR: model.sam_model / vision_model / projector / image_newline / view_seperator
+  Qwen2 Qwen/Qwen2-0.5B (model.layers.*, model.norm; the embedding and head dropped)
+  v1    deepseek-ai/DeepSeek-OCR: model.sam_model / vision_model / projector / image_newline / view_seperator
+  v2    deepseek-ai/DeepSeek-OCR-2: model.sam_model / qwen2_model.model.model / qwen2_model.query_* / projector /
+        view_seperator
 """
 import glob
 import os
@@ -109,15 +113,19 @@ def clip_state_from_transformers(state):
 
 
 def load_sam(sam, source):
-    """SAM weights (transformers or Meta layout, detected from the keys) into an ImageEncoderViT.
-    net_2 / net_3 have no pretrained source and stay at random init (reported)."""
-    state = read_tensors(weight_files(source), keep=lambda k: k.startswith(("vision_encoder.", "image_encoder.")))
+    """SAM weights (transformers, Meta or DeepSeek-OCR layout, told by the keys) into an ImageEncoderViT. net_2 / net_3
+    come only from DeepSeek-OCR, and only where their shapes fit (its net_3 is 1024 wide, DeepSeek-OCR 2's 896); else
+    they stay at random init (reported)."""
+    prefixes = ("vision_encoder.", "image_encoder.", "model.sam_model.")
+    state = read_tensors(weight_files(source), keep=lambda k: k.startswith(prefixes))
     if any(k.startswith("vision_encoder.") for k in state):
         state = sam_state_from_transformers(state)
     elif state:
-        state = {k[len("image_encoder."):]: v for k, v in state.items()}
+        state = {k.split(".", 2)[-1] if k.startswith("model.") else k.split(".", 1)[-1]: v for k, v in state.items()}
     else:
-        raise ValueError(f"{source}: no SAM image encoder keys (vision_encoder.* or image_encoder.*) found")
+        raise ValueError(f"{source}: no SAM image encoder keys ({', '.join(p + '*' for p in prefixes)}) found")
+    own = sam.state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith(("net_2.", "net_3.")) or v.shape == own[k].shape}
     return load_checked(sam, state, source, random_init=("net_2.", "net_3."))
 
 
@@ -152,4 +160,38 @@ def load_deepseek_ocr_encoder(model, source="deepseek-ai/DeepSeek-OCR"):
         for theirs, ours in DEEPSEEK_PREFIXES.items():
             if key.startswith(theirs):
                 mapped[ours + key[len(theirs):]] = value
+    return load_checked(model, mapped, source, skip=("gpt.",))
+
+
+def load_qwen2(qwen2, source="Qwen/Qwen2-0.5B"):
+    """Qwen2-0.5B's decoder layers and final norm into a Qwen2Encoder (its embedding and head dropped); the queries
+    have no source and stay at random init (reported)."""
+    state = {k.removeprefix("model."): v for k, v in read_tensors(
+        weight_files(source), keep=lambda k: k.startswith(("model.layers.", "model.norm."))).items()}
+    if not state:
+        raise ValueError(f"{source}: no Qwen2 decoder keys (model.layers.*, model.norm.*) found")
+    return load_checked(qwen2, state, source, random_init=("query_",))
+
+
+DEEPSEEK2_PREFIXES = {
+    "model.sam_model.": "encoder.sam_model.",
+    "model.qwen2_model.model.model.": "encoder.qwen2_model.",
+    "model.qwen2_model.query_": "encoder.qwen2_model.query_",
+    "model.projector.": "encoder.projector.",
+    "model.view_seperator": "view_seperator",
+}
+
+
+def load_deepseek_ocr2_encoder(model, source="deepseek-ai/DeepSeek-OCR-2"):
+    """DeepSeek-OCR 2's trained DeepEncoder V2 (SAM + compressor, Qwen2 stack, queries), projector and separator into a
+    NanoDeepseekOCR of the v2 encoder (its GPT untouched). The projector is 896 -> 1280, so the GPT must be 1280 wide
+    (d20)."""
+    state = read_tensors(weight_files(source), keep=lambda k: k.startswith(tuple(DEEPSEEK2_PREFIXES)) and
+                         not k.endswith(("inv_freq", "embed_tokens.weight")))  # buffers, and the unused embedding
+    if not state:
+        raise ValueError(f"{source}: no DeepSeek-OCR 2 vision keys (model.sam_model.*, model.qwen2_model.*, ...) found")
+    mapped = {}
+    for key, value in state.items():
+        theirs = next(p for p in DEEPSEEK2_PREFIXES if key.startswith(p))
+        mapped[DEEPSEEK2_PREFIXES[theirs] + key[len(theirs):]] = value
     return load_checked(model, mapped, source, skip=("gpt.",))

@@ -4,6 +4,7 @@ Window attention in most blocks, global attention in a few, decomposed relative 
 and key so that plain fused SDPA computes them, on every device (the bias-as-mask path is the reference it is
 tested against). Module names follow Meta's SAM so its weights (and DeepSeek-OCR's sam_model) load 1:1.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -242,6 +243,13 @@ class ImageEncoderViT(nn.Module):
         self.net_3 = nn.Conv2d(config.net2_chans, config.net3_chans, kernel_size=3, stride=2, padding=1, bias=False)
         self.grad_checkpointing = False  # recompute the global blocks in backward: they dominate memory at 1024 px
 
+    def init_positions(self):
+        """SAM's own init of its positions, after every module's reset_parameters: pos_embed small, rel_pos zero."""
+        nn.init.normal_(self.pos_embed, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.attn.rel_pos_h)
+            nn.init.zeros_(block.attn.rel_pos_w)
+
     def forward_neck(self, x):
         """SAM proper: patches -> blocks -> neck, (B, out_chans, S/16, S/16)."""
         x = self.patch_embed(x)
@@ -256,6 +264,25 @@ class ImageEncoderViT(nn.Module):
 
     def forward(self, x):
         return self.net_3(self.net_2(self.forward_neck(x)))
+
+    def flops(self, size):
+        """Forward FLOPs for one size x size view, the neck and the compressor included."""
+        s = self.config
+        g, C = size // s.patch_size, s.embed_dim
+        flops = 2 * 3 * s.patch_size ** 2 * C * g * g  # patch embedding
+        for i in range(s.depth):  # per block: qkv/proj, attention with its relative-position terms, the MLP
+            w = g if i in s.global_attn_indexes else s.window_size
+            t_attn = g * g if w == g else math.ceil(g / w) ** 2 * w * w  # window blocks attend over padded windows
+            flops += 2 * C * 3 * C * t_attn + 2 * C * C * t_attn            # qkv, proj
+            folded = s.num_heads * folded_width(C // s.num_heads, w, w)    # q.k with the bias folded in
+            flops += 2 * t_attn * w * w * (folded + C) + 4 * t_attn * w * C  # attention, relative-position einsums
+            n_rel, n_stored = 2 * w - 1, 2 * (s.img_size // s.patch_size if w == g else s.window_size) - 1
+            flops += 2 * (2 * w * w * n_stored * C // s.num_heads)          # relative-position tables (h and w)
+            flops += 2 * (2 * w * w * n_rel * n_stored) if n_rel != n_stored else 0  # their resize
+            flops += 4 * C * int(C * s.mlp_ratio) * g * g                    # mlp
+        # the neck (1x1 and 3x3 convs), then the two stride-2 convs of the compressor
+        flops += 2 * C * s.out_chans * g * g + 2 * 9 * s.out_chans ** 2 * g * g
+        return flops + 18 * (s.out_chans * s.net2_chans * (g // 2) ** 2 + s.net2_chans * s.net3_chans * (g // 4) ** 2)
 
 
 def build_sam_vit_b():

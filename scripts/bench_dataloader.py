@@ -1,8 +1,7 @@
 """
 Data pipeline throughput on synthetic pages rendered beforehand (so rendering is not timed), Base and Gundam:
   per core:     decode + preprocess + tokenize + pack in one process, one thread;
-  loader:       VisionDataLoader with --workers processes, views moved as uint8 (what training does) and as
-                float32 (what it did before normalisation moved to the device).
+  loader:       VisionDataLoader with --workers processes (views move as uint8, as in training).
 Target: >= 70 Base images/s per GPU with <= 12 workers.
 
   python -m scripts.bench_dataloader [--samples 64] [--workers 2]
@@ -13,7 +12,6 @@ import time
 import torch
 
 from dataloader import SampleDataset, VisionDataLoader, pack
-from image_process import DeepseekOCRProcessor
 from scripts.tok_train import load_or_train_tokenizer
 from tasks.synthetic import SyntheticPages
 
@@ -37,17 +35,13 @@ def main():
         samples = [dataset[i] for i in range(len(dataset))]
         pack(samples, len(samples), args.seq_len, tokenizer.get_bos_token_id())
         print(f"{mode:>7}: {len(samples) / (time.perf_counter() - t0):6.1f} samples/s per core")
-        for uint8 in (True, False):
-            loader = VisionDataLoader(pages, tokenizer, mode, batch_size=4, seq_len=args.seq_len,
-                                      num_workers=args.workers)
-            loader.dataset.processors = [DeepseekOCRProcessor(mode, uint8=uint8)]
-            it = iter(loader)
-            next(it)  # start the workers
-            t0, images = time.perf_counter(), 0
-            while images < 2 * args.samples:
-                images += len(next(it)["images"])
-            print(f"{'':>7}  loader, {args.workers} workers, {'uint8' if uint8 else 'float32'} views: "
-                  f"{images / (time.perf_counter() - t0):6.1f} images/s")
+        it = iter(VisionDataLoader(pages, tokenizer, mode, batch_size=4, seq_len=args.seq_len,
+                                   num_workers=args.workers))
+        next(it)  # start the workers
+        t0, images = time.perf_counter(), 0
+        while images < 2 * args.samples:
+            images += len(next(it)["images"])
+        print(f"{'':>7}  loader, {args.workers} workers: {images / (time.perf_counter() - t0):6.1f} images/s")
 
 
 if __name__ == "__main__":

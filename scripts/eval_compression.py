@@ -12,7 +12,7 @@ from functools import partial
 
 from common import append_report, line_plot, run_command
 from config import base_dir
-from engine import add_reader_args, load_engine, modes_arg, read_with_progress
+from scripts.readers import add_reader_args, load_engine, modes_arg, read_with_progress
 from image_process import load_image, vision_features
 from metrics import fox_scores
 from tasks.synthetic import SyntheticPages

@@ -15,7 +15,7 @@ import zipfile
 
 from common import UserError, append_report, atomic_open, run_command
 from config import FREE_OCR, base_dir
-from engine import add_reader_args, load_engine, modes_arg, read_with_progress
+from scripts.readers import add_reader_args, load_engine, modes_arg, read_with_progress
 from hub import hub_file
 from image_process import load_image, num_image_slots, vision_features
 from metrics import fox_scores
@@ -36,6 +36,9 @@ def load_pages(source=None):
     if os.path.isdir(source):
         extracted = os.path.exists(os.path.join(source, "en_page_ocr.json"))
         root = source if extracted else os.path.join(source, "focus_benchmark_test")
+        if not os.path.exists(os.path.join(root, "en_page_ocr.json")):
+            raise UserError(f"--data {source}: no en_page_ocr.json in it or in its focus_benchmark_test/ (Fox's "
+                            "focus_benchmark_test.zip, or the folder it extracts to, was expected)")
         with open(os.path.join(root, "en_page_ocr.json"), encoding="utf-8") as f:
             entries = json.load(f)
         return [(e["image"], lambda p=os.path.join(root, "en_pdf_png", e["image"]): load_image(p),

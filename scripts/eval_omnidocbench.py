@@ -21,11 +21,12 @@ from functools import partial
 
 from common import UserError, append_report, run_command
 from config import DOC_TO_MARKDOWN, MODES, base_dir
-from engine import add_reader_args, load_engine, read_with_progress, table_whitelist
+from engine import table_whitelist
 from grounding import strip_grounding
 from hub import hub_snapshot
 from image_process import load_image
 from metrics import normalized_edit_distance
+from scripts.readers import add_reader_args, load_engine, read_with_progress
 
 def load_pages(source=None, max_pages=0):
     """(OmniDocBench.json path, [(page dict, image path)]) from a local copy or the hub; images are opened later."""

@@ -5,6 +5,7 @@ loose layout), saved as PNG files, read by scripts/ocr.py with its defaults, and
 (normalised edit distance per page, averaged).
 
   python -m scripts.eval_reading [--checkpoint DIR] [--pages 50] [--kinds grid,type]
+  python -m scripts.eval_reading --pages 3 --keep pages/     # keeps the pages (grid_000.png + grid_000.txt, ...) to try
 """
 import argparse
 import contextlib
@@ -20,12 +21,14 @@ from tasks.synthetic import READING_KINDS
 
 
 def render_pages(directory, kind, n, seed):
-    """n pages of one kind as PNG files -> {path stem: expected text}."""
+    """n pages of one kind as PNG files, each with its text beside it (.txt) -> {path stem: expected text}."""
     expected = {}
     for i in range(n):
         image, text = READING_KINDS[kind](random.Random(f"heldout-{kind}-{seed}-{i}"))
         stem = os.path.join(directory, f"{kind}_{i:03d}")
         image.save(stem + ".png")
+        with open(stem + ".txt", "w", encoding="utf-8") as f:
+            f.write(text)
         expected[stem] = text
     return expected
 
@@ -37,13 +40,16 @@ def main(argv=None):
     parser.add_argument("--kinds", default="grid,type", help=f"comma-separated kinds of page out of {','.join(READING_KINDS)}")
     parser.add_argument("--seed", type=int, default=2026, help="which held-out pages")
     parser.add_argument("--max_tokens", default=None, help="new tokens at most per page (default: scripts.ocr's)")
+    parser.add_argument("--keep", default=None, help="a folder to keep the pages and their texts in (default: none)")
     args = parser.parse_args(argv)
     kinds = args.kinds.split(",")
     unknown = [k for k in kinds if k not in READING_KINDS]
     if unknown:
         parser.error(f"unknown kinds {unknown}; kinds are {','.join(READING_KINDS)}")
     results = {}
-    with tempfile.TemporaryDirectory() as directory:
+    if args.keep:
+        os.makedirs(args.keep, exist_ok=True)
+    with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory()) as directory:
         for kind in kinds:
             expected = render_pages(directory, kind, args.pages, args.seed)
             with contextlib.redirect_stdout(io.StringIO()):  # the pages' text: scored here, not shown

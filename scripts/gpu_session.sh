@@ -1,9 +1,10 @@
 #!/bin/bash
 # Everything a GPU session checks and measures, in one call that fits a 10-minute device command: the tests of the
 # CUDA-only paths (tests/test_cuda.py and the CUDA cases of the others), the d20 + Base step time, MFU, memory and
-# phases (gpu_check, compile time on its own line), the d20 decode latency and pages/s, and SAM's attention three
-# ways (time, exactness, determinism by default and in deterministic mode). Each part has its own time limit, so one that runs long leaves the others
-# their share; tables land in $OUT (or /tmp/gpu_session) as they finish.
+# phases (gpu_check; the first step holds the compilation), the same with DeepEncoder V2 (--v2), the d20 decode latency
+# and pages/s, and SAM's attention three ways (time, exactness, determinism by default and in deterministic mode).
+# Each part has its own time limit, so one that runs long leaves the others their share (about 13 minutes in all: two
+# device commands); tables land in $OUT (or /tmp/gpu_session) as they finish.
 #   bash scripts/gpu_session.sh            # on the GPU machine (PYTHONPATH=. with its own torch)
 #   bash scripts/gpu_session.sh --tiny     # the same calls on the CPU at toy sizes, to check the script itself
 set -uo pipefail
@@ -22,6 +23,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.i
 timeout 130 python3 -m pytest -q -n 0 -p no:cacheprovider -rs tests/test_cuda.py tests/test_vlm.py -k cuda 2>&1 \
   | tee "$OUT/cuda_tests.txt"
 timeout 280 python3 -m scripts.gpu_check $CHECK 2>&1 | tee "$OUT/gpu_check.txt" | grep -v "^step "
+timeout 200 python3 -m scripts.gpu_check $CHECK --v2 2>&1 | tee "$OUT/gpu_check_v2.txt" | grep -v "^step "
 timeout 100 python3 -m scripts.bench_generate $GEN 2>&1 | tee "$OUT/generate.txt"
 timeout $ATTN_S python3 -m scripts.bench_sam_attention $ATTN 2>&1 | tee "$OUT/sam_attention.txt"
 timeout $ATTN_S python3 -m scripts.bench_sam_attention $ATTN --deterministic 2>&1 | tee -a "$OUT/sam_attention.txt"

@@ -10,7 +10,8 @@ import os
 import sys
 import time
 
-from config import tokenizer_dir
+from common import UserError, run_command
+from config import SPECIAL_TOKENS, VISION_TOKENS, tokenizer_dir
 from tasks.synthetic import corpus
 from tokenizer import RustBPETokenizer
 
@@ -68,6 +69,9 @@ def main(argv=None):
     parser.add_argument("--max_chars", type=int, default=200_000_000, help="characters of text to train on at most")
     parser.add_argument("--out", default=None, help="directory for tokenizer.pkl (default: <base dir>/tokenizer)")
     args = parser.parse_args(argv)
+    smallest = 256 + len(SPECIAL_TOKENS) + len(VISION_TOKENS)  # every byte, and the special tokens
+    if args.vocab_size < smallest:
+        raise UserError(f"--vocab_size={args.vocab_size}: at least {smallest} (the 256 bytes and the special tokens)")
     t0 = time.time()
     tokenizer = train_tokenizer(args.vocab_size, args.num_docs, args.input, args.max_chars, progress=True)
     out = args.out or tokenizer_dir()
@@ -76,12 +80,11 @@ def main(argv=None):
     ids = tokenizer.encode(sample)
     assert tokenizer.decode(ids) == sample
     print(f"trained a {tokenizer.get_vocab_size()}-token tokenizer in {time.time() - t0:.1f}s -> {out}/tokenizer.pkl")
-    if tokenizer.get_vocab_size() < args.vocab_size:
-        print(f"warning: {tokenizer.get_vocab_size()} tokens, not the {args.vocab_size} asked for: this text has no pair "
-              "of neighbouring tokens left to merge (each of its words is one token already); more varied text "
-              "(--input) allows more", file=sys.stderr)
+    if tokenizer.get_vocab_size() < args.vocab_size:  # not a problem: what the text gives
+        print(f"{tokenizer.get_vocab_size()} tokens, not the {args.vocab_size} asked for: the text has no more pairs "
+              "to merge (every word is one token); more varied text (--input) gives more")
     print(f"{len(sample)} characters -> {len(ids)} tokens ({len(sample) / len(ids):.2f} chars/token)")
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -5,10 +5,14 @@ unless --init_from says otherwise.
 
   python -m scripts.vis_mid_train --data=real
   torchrun --standalone --nproc_per_node=8 -m scripts.vis_mid_train --data=real --total_batch_size=640
+  # DeepSeek-OCR 2's stage 3: the whole encoder frozen, the GPT alone trains (from stage 2's checkpoint)
+  python -m scripts.vis_mid_train --modes=v2 --freeze_encoder --stage=stage3 --init_from=<stage-2 run> --model_tag=v2
 """
+import os
+
 from checkpoint import list_checkpoints
 from common import parse_overrides, run_command
-from config import checkpoint_dir
+from config import base_dir, checkpoint_dir
 from train import TrainConfig, train
 
 if __name__ == "__main__":
@@ -17,6 +21,9 @@ if __name__ == "__main__":
     if not cfg.init_from and not cfg.resume:
         cfg.init_from = checkpoint_dir("stage1", cfg.tag())
         if not list_checkpoints(cfg.init_from):
-            raise SystemExit(f"no stage-1 checkpoint in {cfg.init_from}: run scripts.vis_tok_train first, "
-                             "or pass --init_from")
+            runs = sorted(r for r in os.listdir(base_dir("checkpoints", "stage1"))
+                          if list_checkpoints(base_dir("checkpoints", "stage1", r)))
+            there = (f"stage-1 runs here: {', '.join(runs)} (--model_tag=NAME starts from one, or --init_from=DIR)"
+                     if runs else "run scripts.vis_tok_train first, or pass --init_from")
+            raise SystemExit(f"no stage-1 checkpoint in {cfg.init_from}: {there}")
     run_command(train, cfg)

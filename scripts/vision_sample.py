@@ -16,11 +16,12 @@ import os
 import re
 import sys
 
+from checkpoint import learned
 from common import append_report, run_command
 from config import MODES, base_dir
-from engine import add_reader_args, load_engine, trained_modes
 from image_process import load_image, ImageError
 from metrics import normalized_edit_distance, exact_match
+from scripts.readers import add_reader_args, load_engine
 
 DEFAULT_IMAGES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "test_images")
 
@@ -93,7 +94,8 @@ def main(argv=None):
 
     tests = load_test_set(args.images)
     engine, meta, checkpoint, (mode,) = load_engine(args, [args.mode] if args.mode else None)
-    trained = f"trained on {', '.join(meta.get('trained_on', [])) or 'unknown data'} in {'/'.join(trained_modes(meta))} mode"
+    trained_on, trained_modes = learned(meta)
+    trained = f"trained on {', '.join(trained_on) or 'unknown data'} in {'/'.join(trained_modes)} mode"
     print(f"checkpoint {checkpoint} (step {meta['step']}, {trained}), reading in {mode} mode")
     images, unreadable = {}, []
     for name in tests:  # an image that cannot be read is named and left out; the others are read

@@ -13,7 +13,7 @@ import zipfile
 from collections import Counter
 
 from common import atomic_open
-from config import DOC_TO_MARKDOWN, data_dir
+from config import DOC_TO_MARKDOWN, data_dir, image_prompt
 from dataset import save_image
 from grounding import grounded_block
 from tasks.common import PreparedTask
@@ -197,4 +197,4 @@ class DocBank(PreparedTask):
                            [v * 999 // 1000 for v in box])
             for label, text, box in blocks)
         path = save_image(row["image_bytes"], os.path.join(image_dir, f"{row['name']}.jpg"))
-        return dict(text=f"<image>\n{DOC_TO_MARKDOWN}", response=response, image_path=path)
+        return dict(text=image_prompt(DOC_TO_MARKDOWN), response=response, image_path=path)

@@ -2,6 +2,7 @@
 No."""
 import os
 
+from config import image_prompt
 from dataset import save_image
 from tasks.common import PreparedTask
 
@@ -19,4 +20,4 @@ class FigureQA(PreparedTask):
         if not pairs:
             return None
         path = save_image(row["image"], os.path.join(image_dir, f"{index:08d}.png"))
-        return [dict(text=f"<image>\n{q}", response=a, image_path=path) for q, a in pairs]
+        return [dict(text=image_prompt(q), response=a, image_path=path) for q, a in pairs]

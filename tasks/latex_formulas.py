@@ -1,7 +1,7 @@
 """Printed formulas (OleehyO/latex-formulas, config cleaned_formulas): a rendered formula -> its LaTeX."""
 import os
 
-from config import FORMULA_TO_LATEX
+from config import FORMULA_TO_LATEX, image_prompt
 from dataset import save_image
 from tasks.common import PreparedTask
 
@@ -12,7 +12,7 @@ def formula_sample(image, latex, index, image_dir):
     if not latex:
         return None
     path = save_image(image, os.path.join(image_dir, f"{index:08d}.png"))
-    return dict(text=f"<image>\n{FORMULA_TO_LATEX}", response=latex, image_path=path)
+    return dict(text=image_prompt(FORMULA_TO_LATEX), response=latex, image_path=path)
 
 
 class LatexFormulas(PreparedTask):

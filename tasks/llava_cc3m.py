@@ -6,6 +6,7 @@ import json
 import os
 import zipfile
 
+from config import image_prompt
 from dataset import save_image
 from tasks.common import PreparedTask
 
@@ -30,4 +31,4 @@ class LlavaCC3M(PreparedTask):
         if not (row["image_bytes"] and prompt and response):
             return None
         path = save_image(row["image_bytes"], os.path.join(image_dir, os.path.basename(row["image"])))
-        return dict(text=f"<image>\n{prompt}", response=response, image_path=path)
+        return dict(text=image_prompt(prompt), response=response, image_path=path)

@@ -11,7 +11,7 @@ from collections import defaultdict
 
 from PIL import Image
 
-from config import MARKDOWN_NO_GROUNDING
+from config import MARKDOWN_NO_GROUNDING, image_prompt
 from dataset import MissingSplit, save_image
 from tasks.common import PreparedTask
 
@@ -70,4 +70,4 @@ class OlmOCR(PreparedTask):
             image = image.transpose(turn)  # PIL turns counter-clockwise, as olmOCR's pipeline reads the correction
             self.tally["pages turned upright"] += 1
         path = save_image(image, os.path.join(image_dir, f"{index:08d}.png"))
-        return dict(text=f"<image>\n{MARKDOWN_NO_GROUNDING}", response=text, image_path=path)
+        return dict(text=image_prompt(MARKDOWN_NO_GROUNDING), response=text, image_path=path)

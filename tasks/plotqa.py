@@ -2,7 +2,7 @@
 figure.'"""
 import os
 
-from config import PARSE_FIGURE
+from config import PARSE_FIGURE, image_prompt
 from dataset import save_image
 from tasks.common import PreparedTask
 
@@ -17,4 +17,4 @@ class PlotQA(PreparedTask):
         if not text:
             return None
         path = save_image(row["image"], os.path.join(image_dir, f"{index:08d}.png"))
-        return dict(text=f"<image>\n{PARSE_FIGURE}", response=text, image_path=path)
+        return dict(text=image_prompt(PARSE_FIGURE), response=text, image_path=path)

@@ -8,7 +8,7 @@ import os
 import tarfile
 import xml.etree.ElementTree as ET
 
-from config import MARKDOWN_NO_GROUNDING, data_dir
+from config import MARKDOWN_NO_GROUNDING, data_dir, image_prompt
 from dataset import save_image, extract_tar_once
 from tasks.common import PreparedTask
 
@@ -77,4 +77,4 @@ class PubTables(PreparedTask):
         if html is None:
             return None
         path = save_image(row["image_bytes"], os.path.join(image_dir, f"{row['name']}.jpg"))
-        return dict(text=f"<image>\n{MARKDOWN_NO_GROUNDING}", response=html, image_path=path)
+        return dict(text=image_prompt(MARKDOWN_NO_GROUNDING), response=html, image_path=path)

@@ -12,7 +12,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from common import atomic_open
-from config import FREE_OCR, MARKDOWN_NO_GROUNDING, DOC_TO_MARKDOWN, PARSE_FIGURE, FORMULA_TO_LATEX, data_dir
+from config import (FREE_OCR, MARKDOWN_NO_GROUNDING, DOC_TO_MARKDOWN, PARSE_FIGURE, FORMULA_TO_LATEX, data_dir,
+                    image_prompt)
 from grounding import grounded_block
 from tasks.common import Task
 
@@ -270,7 +271,7 @@ class SyntheticPages(Task):
         path = os.path.join(self.image_dir, f"{index:07d}.png")
         meta_path = path[:-4] + ".json"
         image, prompt, response = make_sample(self.seed, index, self.kinds, self.sizes, self.doc_styles)
-        sample = dict(text=f"<image>\n{prompt}", response=response, image_path=path)
+        sample = dict(text=image_prompt(prompt), response=response, image_path=path)
         with atomic_open(path, "wb") as f:  # loader workers may render the same page
             image.save(f, format="PNG")
         with atomic_open(meta_path) as f:  # written last: its presence means the page is complete
@@ -390,7 +391,7 @@ class SyntheticReading(Task):
     def get_example(self, index):
         rng = random.Random(f"reading-{self.seed}-{index}" if self.kind == "grid" else f"{self.kind}-{self.seed}-{index}")
         image, text = READING_KINDS[self.kind](rng, self.size)
-        return dict(text=f"<image>\n{FREE_OCR}", response=text, image=image, kind=self.kind)
+        return dict(text=image_prompt(FREE_OCR), response=text, image=image, kind=self.kind)
 
 
 def corpus(num_docs=2000, seed=0):

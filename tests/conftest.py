@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from gpt import GENERATIONS, GPTConfig  # noqa: E402
-from deepencoder.encoder import tiny_encoder_configs  # noqa: E402
+from deepencoder.encoder import encoder_configs  # noqa: E402
 from nano_deepseek_ocr import NanoDeepseekOCRConfig, build_model  # noqa: E402
 from scripts.tok_train import train_tokenizer  # noqa: E402
 
@@ -41,14 +41,14 @@ def make_model(tokenizer):
     return lambda **kwargs: tiny_model(tokenizer, **kwargs)
 
 
-def tiny_model(tokenizer, n_layer=2, n_embd=64, seed=0, sequence_len=1024, generation="2025"):
-    """A tiny NanoDeepseekOCR (tiny DeepEncoder, 2-layer GPT of nanochat's 2025 or 2026 generation) with the
-    tokenizer's vocabulary."""
+def tiny_model(tokenizer, n_layer=2, n_embd=64, seed=0, sequence_len=1024, generation="2025", encoder="tiny"):
+    """A tiny NanoDeepseekOCR (a tiny encoder, v1 or v2, and a 2-layer GPT of nanochat's 2025 or 2026 generation)
+    with the tokenizer's vocabulary."""
     torch.manual_seed(seed)
-    sam, clip = tiny_encoder_configs()
+    sam, clip, qwen2 = encoder_configs(encoder)
     gpt = GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.get_vocab_size(), n_layer=n_layer, n_head=2, n_kv_head=2,
                     n_embd=n_embd, **GENERATIONS[generation])
-    model = build_model(NanoDeepseekOCRConfig(sam, clip, gpt, tokenizer.image_token_id))
+    model = build_model(NanoDeepseekOCRConfig(sam, clip, gpt, tokenizer.image_token_id, qwen2))
     informative(model.gpt)
     return model
 
@@ -105,5 +105,9 @@ def overfit_run(tokenizer_dir):
 
 
 def pytest_collection_modifyitems(items):
-    """Tests marked `long` first: a worker takes each at once and the others run everything else meanwhile."""
+    """The tests of the trained overfit model are long too (every worker trains it once, 80 s); the long ones go
+    first: a worker takes each at once and the others run everything else meanwhile."""
+    for item in items:
+        if "overfit_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.long)
     items.sort(key=lambda item: item.get_closest_marker("long") is None)

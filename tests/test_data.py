@@ -584,7 +584,7 @@ def test_packed_rows(pages, tokenizer):
         assert positions[docs == d].tolist() == list(range(batch["doc_lengths"][d]))
     assert (targets[docs == -1] == -1).all() and (positions[docs == -1] == 0).all()  # padding is nobody's
     assert (targets[:, :-1][slots[:, 1:]] == -1).all() and (targets != tokenizer.image_token_id).all()
-    assert [im["pixel_values"].dtype for im in batch["images"]] == [torch.uint8] * 6  # normalised on the device
+    assert [im.global_view.dtype for im in batch["images"]] == [torch.uint8] * 6  # normalised in the encoder
 
 
 def test_bad_samples_are_skipped_counted_and_named(pages, tokenizer, tmp_path):

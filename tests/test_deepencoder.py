@@ -187,19 +187,24 @@ def test_no_network_is_detected_once_and_fails_in_a_second(monkeypatch):
         hub.hub_status.cache_clear()
 
 
-def test_freeze_sam_and_unused_patch_embedding():
-    encoder = tiny_encoder(0)
-    assert not encoder.vision_model.embeddings.patch_embedding.weight.requires_grad
-    encoder.freeze_sam()
-    assert not any(p.requires_grad for p in encoder.sam_model.parameters())
-    assert all(p.requires_grad for n, p in encoder.vision_model.named_parameters() if "patch_embedding" not in n)
+def test_what_each_stage_freezes_and_the_unused_patch_embedding(make_model):
+    from train import TrainConfig, configure_model
+    model = make_model()
+    assert not model.encoder.vision_model.embeddings.patch_embedding.weight.requires_grad
+    configure_model(model, TrainConfig(freeze_sam=True), torch.device("cpu"))  # stage 2
+    assert not any(p.requires_grad for p in model.encoder.sam_model.parameters())
+    assert all(p.requires_grad for n, p in model.named_parameters()
+               if not n.startswith("encoder.sam_model.") and "patch_embedding" not in n)
+    model = make_model(encoder="v2-tiny")
+    configure_model(model, TrainConfig(freeze_encoder=True), torch.device("cpu"))  # DeepSeek-OCR 2's stage 3
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"gpt"}
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
     grads = []
     for checkpointing in (False, True):
         encoder = tiny_encoder(7).train()
-        encoder.set_activation_checkpointing(checkpointing)
+        encoder.sam_model.grad_checkpointing = checkpointing
         encoder(torch.randn(2, 3, 512, 512, generator=torch.Generator().manual_seed(0))).square().mean().backward()
         grads.append([p.grad.clone() for p in encoder.sam_model.parameters()])
     for a, b in zip(*grads):

@@ -76,7 +76,7 @@ def pages(tokenizer):
     requests = []
     for i, ((w, h), mode, prompt) in enumerate(specs):
         item = DeepseekOCRProcessor(mode).process_image(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)))
-        ids = tokenizer.render_vision_pretraining(f"<image>\n{prompt}", 1 << 30, [item["num_image_tokens"]])[0]
+        ids = tokenizer.render_for_completion(f"<image>\n{prompt}", [item.slots])
         requests.append((i, ids, [item]))
     return requests
 

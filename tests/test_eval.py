@@ -187,4 +187,7 @@ def test_the_reading_check_scores_fresh_pages_read_by_the_ocr_command(overfit_ru
              for stem, text in eval_reading.render_pages(str(tmp_path), kind, 2, 7).items()}
     monkeypatch.setattr(eval_reading.ocr, "main", lambda argv: ([(os.path.splitext(p)[0], truth[os.path.basename(
         os.path.splitext(p)[0])]) for p in argv if p.endswith(".png")], []))
-    assert eval_reading.main(["--pages", "2", "--seed", "7"]) == {"grid": 0.0, "type": 0.0}
+    assert eval_reading.main(["--pages", "2", "--seed", "7", "--keep", str(tmp_path / "kept")]) == {"grid": 0.0, "type": 0.0}
+    assert sorted(os.listdir(tmp_path / "kept")) == [f"{k}_00{i}.{e}" for k in ("grid", "type") for i in (0, 1)
+                                                     for e in ("png", "txt")]  # pages to try, with their texts
+    assert (tmp_path / "kept" / "type_001.txt").read_text() == truth["type_001"]

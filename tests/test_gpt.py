@@ -7,9 +7,10 @@ import pickle
 import pytest
 import torch
 
-from checkpoint import CheckpointError, load_nanochat
+from checkpoint import CheckpointError
 from conftest import informative
 from gpt import GENERATIONS, GPT, GPTConfig, KVCache, window_sizes
+from nano_deepseek_ocr import load_nanochat
 
 GENS = list(GENERATIONS)
 
@@ -80,12 +81,11 @@ def greedy(model, prompt, steps, use_cache):
     cache = new_cache(model, 1, len(prompt) + steps)
     with cache.prefilling(torch.tensor([0]), torch.tensor([len(prompt)])):
         logits = model(torch.tensor([ids]), kv_cache=cache)[0, -1]
-    cache.lengths[0] = len(prompt)
     out = []
     for _ in range(steps):
         out.append(int(logits.argmax()))
         logits = model(torch.tensor([[out[-1]]]), kv_cache=cache)[0, -1]
-        cache.lengths += 1
+        cache.advance(1)
     return out
 
 
@@ -112,7 +112,6 @@ def test_right_padded_batch_matches_single_rows(generation):
         cache = new_cache(model, 2, L + 1)
         with cache.prefilling(torch.tensor([0, 1]), lengths):
             prefill = model(ids, kv_cache=cache)
-        cache.lengths[:] = lengths
         batched = model(torch.tensor([[11], [12]]), kv_cache=cache)[:, -1]
         for b, p in enumerate(prompts):
             torch.testing.assert_close(prefill[b, len(p) - 1], model(torch.tensor([p]))[0, -1], atol=1e-5, rtol=1e-5)
