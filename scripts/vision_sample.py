@@ -13,15 +13,17 @@ import html
 import io
 import json
 import os
+import random
 import re
 import sys
 
 from checkpoint import learned
 from common import append_report, run_command
-from config import MODES, base_dir
+from config import FREE_OCR, MODES, base_dir
 from image_process import load_image, ImageError
 from metrics import normalized_edit_distance, exact_match
 from scripts.readers import add_reader_args, load_engine
+from tasks.synthetic import READING_KINDS
 
 DEFAULT_IMAGES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "test_images")
 
@@ -37,6 +39,19 @@ def load_test_set(directory):
         raise SystemExit(f"{directory}: images listed in expected.json are missing: {missing} "
                          "(run `python -m scripts.make_test_images`)")
     return expected
+
+
+def fresh_pages(trained_on, per_kind=3):
+    """Pages of the reading kinds a checkpoint trained on, rendered afresh: beside the nine test images (which the demo
+    never saw), what it does read. {name: (image, spec)}; none for a checkpoint that trained on other data."""
+    kinds = [k.strip() for on in trained_on if (m := re.match(r"reading pages \((.*)\)", on)) for k in m[1].split(",")]
+    pages = {}
+    for kind in dict.fromkeys(kinds):
+        for i in range(per_kind):
+            image, text = READING_KINDS[kind](random.Random(f"vision-sample-{kind}-{i}"))
+            pages[f"fresh {kind} page {i + 1}"] = (image, dict(dataset=f"{kind} page, a kind it trained on",
+                                                               prompt=FREE_OCR, expected=text))
+    return pages
 
 
 def diff_html(expected, generated):
@@ -105,6 +120,9 @@ def main(argv=None):
             print(f"skipping {e}", file=sys.stderr)
             unreadable.append(name)
     tests = {name: spec for name, spec in tests.items() if name in images}
+    nine = list(tests)
+    for name, (image, spec) in fresh_pages(trained_on).items():
+        images[name], tests[name] = image, spec
     generated = dict(engine.read_iter([(name, images[name], spec["prompt"]) for name, spec in tests.items()],
                                       mode, args.max_tokens))
     rows = []
@@ -114,12 +132,17 @@ def main(argv=None):
         rows.append(dict(spec, name=name, image=images[name], generated=generated[name], ned=ned, exact=exact))
         print(f"[{i}/{len(tests)}] {spec['dataset']}\nPROMPT: {spec['prompt']}\nEXPECTED: {spec['expected']}\n"
               f"GENERATED: {generated[name]}\nMATCH: {verdict(rows[-1])}\n")
-    print(f"summary: {summary_line(rows)}")
+    summaries = [f"the test images: {summary_line([r for r in rows if r['name'] in nine])}"]
+    if len(rows) > len(nine):
+        summaries.append(f"fresh pages of the kinds it trained on: {summary_line(rows[len(nine):])}")
+    print("summary: " + "; ".join(summaries))
     out = args.html or os.path.join(base_dir(), "vision_sample.html")
     write_html(out, rows, f"vision_sample: {checkpoint} step {meta['step']}, {mode} mode", f"The checkpoint was {trained}"
                + (f"; not readable, left out: {', '.join(unreadable)}" if unreadable else ""))
     print(f"wrote {out}")
-    append_report("vision_sample", [f"- checkpoint {checkpoint} ({trained}), read in {mode} mode: {summary_line(rows)}"]
+    append_report("vision_sample", [f"- checkpoint {checkpoint} ({trained}), read in {mode} mode",
+                                    f"- {'; '.join(summaries)}" + ("; the test images are kinds it was never shown"
+                                                                    if len(rows) > len(nine) else "")]
                   + [f"- {r['dataset']}: {verdict(r)} | `{r['generated'][:100]!r}`" for r in rows]
                   + ([f"- not readable, left out: {', '.join(unreadable)}"] if unreadable else []))
     if unreadable:

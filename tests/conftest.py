@@ -9,6 +9,7 @@ import tempfile
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "disabled"
+os.environ["NANO_DEEPSEEK_OCR_FP32"] = "1"  # exact comparisons in fp32; the learning test opts into the CPU's bf16
 if "NANO_DEEPSEEK_OCR_DIR" not in os.environ:  # a base directory of the session's own, removed when it ends
     os.environ["NANO_DEEPSEEK_OCR_DIR"] = tempfile.mkdtemp(prefix="ndo-tests-")
     atexit.register(shutil.rmtree, os.environ["NANO_DEEPSEEK_OCR_DIR"], ignore_errors=True)

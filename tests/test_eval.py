@@ -88,7 +88,15 @@ def test_vision_sample_reproduces_what_the_overfit_model_learned(overfit_run, tm
     (tmp_path / "expected.json").write_text(json.dumps(expected))
     rows, _ = vision_sample.main(["--checkpoint", summary["checkpoint"], "--images", str(tmp_path), "--mode", "tiny",
                                "--max_tokens", "64", "--html", str(tmp_path / "page.html")])
-    assert all(r["exact"] for r in rows) and f"summary: {len(rows)}/{len(rows)} exact" in capsys.readouterr().out
+    assert all(r["exact"] for r in rows) and f"the test images: {len(rows)}/{len(rows)} exact" in capsys.readouterr().out
+
+
+def test_a_demo_checkpoint_also_reads_fresh_pages_of_its_own_kinds():
+    pages = vision_sample.fresh_pages(["reading pages (grid, type)", "reading pages (grid) + 10% text"])
+    assert list(pages) == [f"fresh {k} page {i}" for k in ("grid", "type") for i in (1, 2, 3)]
+    image, spec = pages["fresh type page 2"]
+    assert spec["prompt"] == "Free OCR." and spec["expected"].count("\n") == 2 and image.size == (512, 512)
+    assert vision_sample.fresh_pages(["synthetic pages (formula)", "the nine datasets"]) == {}
 
 
 def test_vision_sample_reports_missing_inputs(tmp_path):

@@ -304,6 +304,8 @@ def test_the_cpu_toy_command_in_the_stage_1_docstring_runs_as_written(tmp_path):
     assert "held-out CER" in out.stdout and list_checkpoints(os.path.join(tmp_path, "checkpoints", "stage1", "d4-tiny"))
     lrms = [float(line.split("| lrm ")[1].split()[0]) for line in out.stdout.splitlines() if "| lrm " in line]
     assert 1.0 in lrms and lrms[-1] < 1.0  # warmup ends and the schedule goes on to decay
+    losses = [float(line.split("| loss ")[1].split()[0]) for line in out.stdout.splitlines() if "| loss " in line]
+    assert losses[-1] < losses[0] - 1.0  # an example in --help must learn, not diverge
     assert "worker" not in out.stderr  # no more loader workers than the machine has cores
 
 
@@ -322,13 +324,14 @@ def test_image_swaps_for_the_gap_watch():
 
 
 @pytest.mark.long
-def test_the_demo_recipe_learns_to_read_pages_it_has_never_seen(tokenizer_dir):
+def test_the_demo_recipe_learns_to_read_pages_it_has_never_seen(tokenizer_dir, monkeypatch):
     """The demo's recipe, short: from random initialisation the held-out CER must fall far below where it starts, a
     blank page must cost the answer dearly, and the encoder must learn to tell pages apart (its similarity falls):
     a wrong slot layout or a collapsed encoder leaves the model blind, a cut gradient path leaves the encoder as it
     was initialised. When the model starts to look varies from run to run (step 60 to 130 over seeds, the thread
     count and the machine's kernels change it too): the bars hold for a late start, and a blind model (0.9 or more)
-    misses them all."""
+    misses them all. In bf16 where the CPU has it, as the demo trains."""
+    monkeypatch.setenv("NANO_DEEPSEEK_OCR_FP32", "0")
     cfg = tiny_train_config(tokenizer_dir, model_tag="reads", data="reading", depth=4, num_synthetic=1_000_000,
                             seq_len=512, device_batch_size=4, num_iterations=150, warmup_steps=30, vision_lr=1e-4,
                             eval_every=150, eval_batches=2, cer_pages=20)
@@ -349,3 +352,16 @@ def test_the_validation_set_holds_the_cer_pages_when_part_of_it_is_text(tokenize
     val = build_tasks(cfg, "val", world_size=1)
     pages = sum("messages" not in val[i] for i in range(len(val)))
     assert 30 <= pages < len(val)  # pages enough for the CER, with text among them
+
+
+def test_the_one_precision_rule(monkeypatch):
+    import common
+    monkeypatch.setenv("NANO_DEEPSEEK_OCR_FP32", "0")
+    for native, cpu in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(common, "cpu_has_bf16", lambda: native)
+        assert common.compute_dtype("cpu") == cpu and common.compute_dtype("cuda") == torch.bfloat16
+        assert common.compute_dtype("mps") == torch.float32
+        assert isinstance(common.autocast_context("cpu"), torch.autocast) == native
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: True)
+    monkeypatch.setenv("NANO_DEEPSEEK_OCR_FP32", "1")  # the flag: fp32 on the CPU, CUDA keeps bf16
+    assert common.compute_dtype("cpu") == torch.float32 and common.compute_dtype("cuda") == torch.bfloat16

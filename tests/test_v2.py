@@ -18,16 +18,10 @@ from engine import Engine
 from image_process import DeepseekOCRProcessor, normalize, num_image_slots
 from train import train
 from conftest import tiny_train_config
+from test_deepencoder import randomize
 from test_engine import uncached_greedy
 
 n_params = lambda module: sum(p.numel() for p in module.parameters())
-
-
-def randomize(module, std=0.05):
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0, std)
-    return module
 
 
 def test_full_size_parameter_counts():
