@@ -146,6 +146,10 @@ def test_a_stage_that_makes_the_held_out_cer_worse_says_so(tokenizer_dir, monkey
                                  [dict(dt=1.0, tokens=10, images=1, mfu=None)], evals, [], [], 1.0)).read()
     assert "this stage made the held-out CER worse**: 0.009 before its first step, 0.016 after it" in report()
     assert "trained on (with what it started from): synthetic pages (formula), in tiny mode" in report()
+    assert "- what it can read: pages like those, in that mode;" in report()
+    options = next(line for line in report().splitlines() if line.startswith("- options set"))
+    assert "stage=stage2" in options and "seed=" not in options and "vocab_size" not in options  # set ones only
+    assert report().count("## Training stage2") == 1  # written again in its place, not once more
     evals[0]["heldout_cer"] = 0.02
     assert "worse" not in report().split("## ")[-1]
 

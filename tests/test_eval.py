@@ -199,3 +199,13 @@ def test_the_reading_check_scores_fresh_pages_read_by_the_ocr_command(overfit_ru
     assert sorted(os.listdir(tmp_path / "kept")) == [f"{k}_00{i}.{e}" for k in ("grid", "type") for i in (0, 1)
                                                      for e in ("png", "txt")]  # pages to try, with their texts
     assert (tmp_path / "kept" / "type_001.txt").read_text() == truth["type_001"]
+
+
+def test_plots_have_round_ticks_and_an_all_zero_series_its_own_axis(tmp_path):
+    from common import nice_ticks
+    assert nice_ticks(189) == [0, 50, 100, 150, 200] and nice_ticks(0.021) == pytest.approx([0, 0.005, 0.01, 0.015, 0.02,
+                                                                                           0.025])
+    assert nice_ticks(1) == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])  # what an all-zero series is drawn on
+    path = line_plot({"zeros": [(1, 0.0), (2, 0.0)]}, str(tmp_path / "zero.png"), "x", "y", title="all zero")
+    drawn = np.asarray(Image.open(path).convert("RGB"))
+    assert ((drawn == (200, 40, 40)).all(-1)).sum() > 50  # the line, drawn on the x axis of a 0-to-1 plot
