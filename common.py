@@ -40,9 +40,14 @@ def run_command(main, *args):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
-    except BrokenPipeError:  # the reader of stdout has gone (--help | head): the rest goes unsaid, not a traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError:
+        drop_stdout()
         raise SystemExit(0)
+
+
+def drop_stdout():
+    """The reader of stdout has gone (--help | head): what is left goes unsaid, not into a traceback at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def get_dist_info():
@@ -223,8 +228,8 @@ def parse_overrides(cfg, argv=None, description=""):
                 value = getattr(cfg, name)
                 print(f"  --{name:<26} {type(value).__name__:<5} {value!r:<32} {comments.get(name, '')}".rstrip())
             sys.stdout.flush()
-        except BrokenPipeError:  # --help | head: the reader has what it wanted
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except BrokenPipeError:
+            drop_stdout()
         raise SystemExit(0)
     i = 0
     while i < len(argv):

@@ -140,12 +140,9 @@ class Engine:
         """The device state of a generation: the KV cache (allocated once for the longest prompt plus the new tokens;
         the old one is let go first), the slots, the stop and whitelist tokens, and the sampling generator. A decode
         graph is kept while none of it changes."""
-        length = -(-(prompt_len + max_new_tokens) // 128) * 128  # whole blocks: a slightly longer prompt still fits
-        if self.cache is None or self.cache.k.size(1) != S or self.cache.k.size(3) < length:
+        if self.cache is None or self.cache.k.size(1) != S or self.cache.k.size(3) < prompt_len + max_new_tokens:
             self.cache = self.graph = None  # freed before the new one is allocated
-            cfg = self.model.gpt.config
-            self.cache = KVCache(cfg.n_layer, S, cfg.n_kv_head, length, cfg.n_embd // cfg.n_head, self.device,
-                                 compute_dtype(self.device), cfg.n_embd)
+            self.cache = self.new_cache(S, prompt_len + max_new_tokens)
         key = (S, max_new_tokens, tuple(sorted(settings.items())))
         if key != self.setup_key:
             self.setup_key, self.settings, self.graph = key, settings, None
@@ -199,15 +196,20 @@ class Engine:
             logits = gpt.logits(hidden[torch.arange(len(prompts), device=self.device), lengths - 1])
         return logits
 
+    def new_cache(self, S, length):
+        """A KV cache of S rows in the compute dtype, `length` rounded up to whole blocks of 128 positions (a slightly
+        longer prompt still fits)."""
+        cfg = self.model.gpt.config
+        return KVCache(cfg.n_layer, S, cfg.n_kv_head, -(-length // 128) * 128, cfg.n_embd // cfg.n_head, self.device,
+                       compute_dtype(self.device), cfg.n_embd)
+
     def grow_cache(self, length):
         """A prompt longer than the cache was sized for: the rows at work keep their keys, staged through host memory so
         the old and the new cache are never both on the device."""
         old = self.cache
         keep = [t.cpu() for t in (old.k, old.v, old.lengths, old.previous)]
         self.cache = self.graph = old = None
-        n_layer, S, n_kv_head, _, head_dim = keep[0].shape
-        self.cache = KVCache(n_layer, S, n_kv_head, -(-length // 128) * 128, head_dim, self.device, keep[0].dtype,
-                             keep[3].size(-1))
+        self.cache = self.new_cache(keep[0].size(1), length)
         self.cache.k[..., :keep[0].size(3), :] = keep[0].to(self.device)
         self.cache.v[..., :keep[1].size(3), :] = keep[1].to(self.device)
         self.cache.lengths.copy_(keep[2])
@@ -276,6 +278,12 @@ def sample(logits, temperature, top_k, rng):
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -float("inf"))
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng)[:, 0]
+
+
+def document_ngram_rule(tokenizer):
+    """DeepSeek-OCR's no-repeat rule for reading documents, as generate_iter takes it: no 20-gram twice within 90
+    tokens, table tags exempt."""
+    return dict(no_repeat_ngram_size=20, ngram_window=90, ngram_whitelist=table_whitelist(tokenizer))
 
 
 def table_whitelist(tokenizer):

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from checkpoint import CheckpointError, load_meta, load_weights
 from common import UserError, choice, compute_dtype, print0
-from config import tokenizer_dir
+from config import MODES, tokenizer_dir
 from deepencoder.clip_sdpa import CLIPConfig
 from deepencoder.encoder import DeepEncoder, DeepEncoderV2, ENCODERS, encoder_configs
 from deepencoder.load_pretrained import (load_sam, load_clip, load_deepseek_ocr_encoder, load_deepseek_ocr2_encoder,
@@ -207,6 +207,14 @@ INIT_ENCODERS = {"sam+clip": "v1", "deepseek": "v1", "sam+qwen2": "v2", "deepsee
 def encoder_version(name):
     """v1 (DeepSeek-OCR's DeepEncoder) or v2 (DeepSeek-OCR 2's), from an encoder name of ENCODERS."""
     return "v2" if name.startswith("v2") else "v1"
+
+
+def check_modes(modes, version):
+    """The modes must be those of the encoder version (config.MODES): their slot layouts differ."""
+    wrong = [m for m in modes if MODES[m]["encoder"] != version]
+    if wrong:
+        fits = ",".join(m for m, spec in MODES.items() if spec["encoder"] == version)
+        raise UserError(f"--modes: {','.join(wrong)} not for the {version} encoder; its modes are {fits}")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from common import (compute_init, compute_cleanup, print0, warn0, DummyWandb, ap
 from config import base_dir, checkpoint_dir, tokenizer_dir, MODES
 from dataloader import VisionDataLoader
 from evaluation import collapse_watch_views, evaluate
-from nano_deepseek_ocr import INIT_ENCODERS, ModelSources, encoder_version, load_model, new_model
+from nano_deepseek_ocr import INIT_ENCODERS, ModelSources, check_modes, encoder_version, load_model, new_model
 from tasks.mixture import mixture
 from tasks.synthetic import KINDS, READING_KINDS
 
@@ -166,14 +166,6 @@ def ranks_in_sync(model):
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-def check_modes(modes, version):
-    """The modes must be those of the model's encoder: their slot layouts differ."""
-    wrong = [m for m in modes if MODES[m]["encoder"] != version]
-    if wrong:
-        fits = ",".join(m for m, spec in MODES.items() if spec["encoder"] == version)
-        raise UserError(f"--modes: {','.join(wrong)} not for the {version} encoder; its modes are {fits}")
-
-
 def check_config(cfg):
     """The ordinary mistakes, each one line before anything slow: a value outside a field's choices, modes or weights
     that do not fit the encoder, a collapse watch of one page, --resume with nothing to resume, a new model without a
@@ -192,11 +184,6 @@ def check_config(cfg):
     if not all(0 < m <= 1 for m in milestones):
         raise UserError(f"--step_milestones={cfg.step_milestones}: fractions of num_iterations in (0, 1], "
                         "comma-separated (0.6,0.85)")
-    if cfg.init_from:
-        try:
-            resolve_checkpoint(cfg.init_from)  # a missing or damaged one is named here, not after the data is built
-        except FileNotFoundError as e:
-            raise UserError(f"--init_from: {e}") from None
     existing = [os.path.basename(c) for c in list_checkpoints(checkpoint_dir(cfg.stage, cfg.tag()))]
     if existing and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{checkpoint_dir(cfg.stage, cfg.tag())} already holds a run ({', '.join(existing[-3:])}): "
@@ -246,6 +233,10 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     autocast = autocast_context(device)
     out_dir = checkpoint_dir(cfg.stage, cfg.tag())
+    try:  # the checkpoint this run starts from, verified once, before anything is written or built
+        ckpt = resolve_checkpoint(out_dir if cfg.resume else cfg.init_from) if cfg.resume or cfg.init_from else None
+    except FileNotFoundError as e:
+        raise UserError(f"--init_from: {e}") from None
     wandb_run = DummyWandb()
     if cfg.run != "dummy" and master:
         import wandb
@@ -258,12 +249,10 @@ def train(cfg):
     # ---- model and tokenizer: new from the init sources, from a checkpoint of ours, or resumed ----
     start_step, state, init_meta = 0, None, {}
     if cfg.resume:
-        ckpt = resolve_checkpoint(out_dir)
         model, tokenizer, init_meta = load_model(ckpt, device)
         start_step, state = init_meta["step"], load_training_state(ckpt, rank)
         origin = f"resumed from {ckpt} (step {start_step})"
     elif cfg.init_from:
-        ckpt = resolve_checkpoint(cfg.init_from)
         model, tokenizer, init_meta = load_model(ckpt, device)
         origin = f"started from {ckpt}"
     else:

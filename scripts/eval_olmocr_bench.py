@@ -27,7 +27,7 @@ from functools import partial
 
 from common import UserError, append_report, run_command
 from config import DOC_TO_MARKDOWN, MODES, base_dir
-from engine import table_whitelist
+from engine import document_ngram_rule
 from grounding import strip_grounding
 from hub import hub_snapshot
 from scripts.ocr import render_pdf_page
@@ -36,6 +36,7 @@ from scripts.readers import add_reader_args, load_engine, positive_int, read_wit
 SCORER = "olmocr==0.4.27"
 GROUPS_8 = "mean over 8 groups (7 test files + baseline)"
 GROUPS_7 = "mean over 7 groups (without headers_footers)"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu"]  # as root, on a machine without a display
 
 
 def bench_dir(source):
@@ -80,8 +81,7 @@ def write_candidate(engine, pdfs_dir, pdfs, out, mode, max_tokens, repeats):
     failed = []
     pages = [(pdf, partial(render_pdf_page, os.path.join(pdfs_dir, pdf), 0), DOC_TO_MARKDOWN) for pdf in pdfs]
     texts = {pdf: strip_grounding(text) for pdf, _, text in read_with_progress(
-        engine, pages, mode, max_tokens, failed, "olmOCR-bench", no_repeat_ngram_size=20, ngram_window=90,
-        ngram_whitelist=table_whitelist(engine.tokenizer))}
+        engine, pages, mode, max_tokens, failed, "olmOCR-bench", **document_ngram_rule(engine.tokenizer))}
     for pdf in pdfs:
         for repeat in range(1, repeats + 1):
             path = candidate_file(out, pdf, repeat)
@@ -96,7 +96,7 @@ def find_browser(executable):
     try:
         from playwright.sync_api import sync_playwright
         with sync_playwright() as p:
-            p.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-gpu"]).close()
+            p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS).close()
         return None
     except Exception as e:  # not installed, no such executable, cannot start
         return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
@@ -124,8 +124,7 @@ def run_scorer(work, browser):
     from olmocr.bench import benchmark
     from playwright.sync_api._generated import BrowserType
     launch = BrowserType.launch
-    BrowserType.launch = lambda self, **kw: launch(self, **dict(dict(executable_path=browser,
-                                                                     args=["--no-sandbox", "--disable-gpu"]), **kw))
+    BrowserType.launch = lambda self, **kw: launch(self, **dict(dict(executable_path=browser, args=CHROMIUM_ARGS), **kw))
     argv, buffer = sys.argv, io.StringIO()
     try:
         sys.argv = ["olmocr.bench.benchmark", "--dir", work, "--candidate", "candidate"]

@@ -21,7 +21,7 @@ from functools import partial
 
 from common import UserError, append_report, run_command
 from config import DOC_TO_MARKDOWN, MODES, base_dir
-from engine import table_whitelist
+from engine import document_ngram_rule
 from grounding import strip_grounding
 from hub import hub_snapshot
 from image_process import load_image
@@ -76,8 +76,7 @@ def predict(engine, pages, mode, max_tokens, out_dir):
     prompted = [(os.path.basename(image_path), partial(load_image, image_path), DOC_TO_MARKDOWN)
                 for _, image_path in pages]
     for name, _, text in read_with_progress(engine, prompted, mode, max_tokens, failed, "OmniDocBench",
-                                            no_repeat_ngram_size=20, ngram_window=90,
-                                            ngram_whitelist=table_whitelist(engine.tokenizer)):
+                                            **document_ngram_rule(engine.tokenizer)):
         outputs[name] = strip_grounding(text)
         with open(os.path.join(out_dir, os.path.splitext(name)[0] + ".md"), "w", encoding="utf-8") as f:
             f.write(outputs[name])

@@ -20,7 +20,7 @@ from PIL import ImageDraw
 
 from common import exit_with_launcher, get_dist_info, run_command
 from config import MODES, FREE_OCR
-from engine import table_whitelist
+from engine import document_ngram_rule
 from grounding import grounding_boxes, strip_grounding
 from image_process import ImageError, frame_count, load_image, prepare_image
 from scripts.readers import add_reader_args, load_engine, read_with_progress
@@ -109,7 +109,7 @@ def main(argv=None):
     # pages are decoded only as slots free up (one that fails is reported and the others go on); they finish in any
     # order, and stdout takes each as soon as every page before it is out (or failed)
     results, failed, finished = [], [], {}
-    ngram = dict(no_repeat_ngram_size=20, ngram_window=90, ngram_whitelist=table_whitelist(engine.tokenizer))
+    ngram = document_ngram_rule(engine.tokenizer)
     prompted = [(name, load, args.prompt) for name, load in pages]
     waiting = [name for name, _ in pages]
 

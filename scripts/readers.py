@@ -14,7 +14,7 @@ from common import autodetect_device_type, compute_dtype
 from config import MODES
 from engine import Engine
 from image_process import ImageError
-from nano_deepseek_ocr import load_model
+from nano_deepseek_ocr import check_modes, load_model
 
 
 def positive_int(value):
@@ -62,10 +62,7 @@ def load_engine(args, modes=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # what fp32 work remains
     trained_on, trained = learned(meta)
     modes = modes or trained[:1]
-    wrong = [m for m in modes if MODES[m]["encoder"] != model.encoder_version]
-    if wrong:
-        raise SystemExit(f"mode {','.join(wrong)} is not for this checkpoint's {model.encoder_version} encoder; "
-                         f"its modes are {','.join(m for m in MODES if MODES[m]['encoder'] == model.encoder_version)}")
+    check_modes(modes, model.encoder_version)
     print(f"{checkpoint} (step {meta['step']}, trained on {', '.join(trained_on) or 'its training data'} in "
           f"{'/'.join(trained)} mode): reading in {'/'.join(modes)} mode", file=sys.stderr)
     for mode in modes:
