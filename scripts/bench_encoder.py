@@ -1,10 +1,10 @@
 """
-Our SAM-ViT-B and CLIP-L/14 against transformers' SamVisionModel / CLIPVisionModel: the same (random) weights,
-the same input, forward only, fp32 on the CPU (and bf16 on CUDA when present). Prints time and peak-memory
-ratios (ours / transformers; below 1 is better). Each measurement runs in its own process so the memory
-high-water marks do not mix.
+Our SAM-ViT-B and CLIP-L/14 against transformers' SamVisionModel / CLIPVisionModel (--v2: SAM and DeepEncoder V2's
+Qwen2 stack against the deepseek_ocr2 port's DeepseekOcr2VisionEncoder): the same (random) weights, the same input,
+forward only, fp32 on the CPU (and bf16 on CUDA when present). Prints time and peak-memory ratios (ours /
+transformers; below 1 is better). Each measurement runs in its own process so the memory high-water marks do not mix.
 
-  python -m scripts.bench_encoder [--size 1024] [--repeats 2] [--device cpu|cuda]
+  python -m scripts.bench_encoder [--size 1024] [--repeats 2] [--device cpu|cuda] [--v2]
 """
 import argparse
 import json
@@ -39,6 +39,26 @@ def build(which, impl, size, device):
     from deepencoder.sam_vary_sdpa import build_sam_vit_b
     from deepencoder.clip_sdpa import build_clip_l
     torch.manual_seed(0)
+    if which == "qwen2":  # its tokens and queries of one view size, through the 24 layers
+        from safetensors.torch import save_file
+        from transformers.models.deepseek_ocr2.configuration_deepseek_ocr2 import DeepseekOcr2VisionEncoderConfig
+        from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import DeepseekOcr2VisionEncoder
+        from deepencoder.load_pretrained import load_qwen2
+        from deepencoder.qwen2_encoder import Qwen2Encoder, Qwen2EncoderConfig
+        c, q, batch = Qwen2EncoderConfig(), size // 64, 2
+        reference = DeepseekOcr2VisionEncoder(DeepseekOcr2VisionEncoderConfig(
+            hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_hidden_layers=c.n_layer,
+            num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+            rope_parameters=dict(rope_type="default", rope_theta=c.rope_theta)))
+        if impl == "transformers":
+            return (lambda t: reference(inputs_embeds=t, num_patches=q * q).last_hidden_state), reference, \
+                torch.randn(batch, 2 * q * q, c.hidden_size)
+        ours = Qwen2Encoder(c)
+        with tempfile.TemporaryDirectory() as d:  # in Qwen2-0.5B's layout, through our loader
+            save_file({f"model.{k}": v.contiguous() for k, v in reference.state_dict().items()},
+                      os.path.join(d, "model.safetensors"))
+            load_qwen2(ours, d)
+        return ours, ours, torch.randn(batch, c.hidden_size, q, q)
     if which == "sam":
         reference = SamVisionModel(SamVisionConfig())  # ViT-B: 768 wide, 12 blocks, window 14, global 2/5/8/11
         x = torch.randn(1, 3, size, size)
@@ -92,6 +112,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024, help="view size in pixels")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    parser.add_argument("--v2", action="store_true", help="SAM and DeepEncoder V2's Qwen2 stack instead of SAM and CLIP")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -101,7 +122,7 @@ def main():
     print(f"{'model':<6} {'ours s':>9} {'theirs s':>9} {'time ratio':>11} {'ours MiB':>9} {'theirs MiB':>11} "
           f"{'mem ratio':>10}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for which in ("sam", "clip"):
+    for which in ("sam", "qwen2" if args.v2 else "clip"):
         r = {}
         for impl in ("ours", "transformers"):
             out = subprocess.run([sys.executable, "-m", "scripts.bench_encoder", "--worker", which, impl,
