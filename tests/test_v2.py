@@ -235,3 +235,16 @@ def test_v2_options_that_do_not_fit_are_refused(tokenizer_dir):
                                 "--init_encoder=sam\\+clip is for the v1 encoder, not --encoder=v2-tiny")):
         with pytest.raises(UserError, match=message):
             train(tiny_train_config(tokenizer_dir, **overrides))
+
+
+def test_v2_flops_match_a_flop_counter(monkeypatch):
+    """MFU counts the V2 parts as they run: SAM, the Qwen2 stack over 2m positions, the projector."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    from deepencoder import sam_vary_sdpa
+    sam, _, qwen2 = encoder_configs("v2-tiny")
+    encoder = DeepEncoderV2(sam, qwen2, 64)
+    monkeypatch.setattr(sam_vary_sdpa, "pads_value", lambda q: False)  # the attention as CUDA runs it
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        encoder(torch.randint(0, 256, (1, 3, 512, 512), dtype=torch.uint8))
+    assert sum(encoder.flops(512).values()) == counter.get_total_flops()
