@@ -533,10 +533,16 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, *, inputs_embeds=None, doc_ids=None, positions=None, kv_cache=None,
                 loss_reduction="mean"):
-        logits = self.logits(self.hidden(idx, inputs_embeds, doc_ids=doc_ids, positions=positions, kv_cache=kv_cache))
+        hidden = self.hidden(idx, inputs_embeds, doc_ids=doc_ids, positions=positions, kv_cache=kv_cache)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+            return self.logits(hidden)
+        hidden, targets = hidden.flatten(0, -2), targets.reshape(-1)
+        if loss_reduction != "none" and not torch.compiler.is_compiling():
+            # logits only where there is a target: image slots and prompts are most of a row (a compiled graph keeps
+            # its static shapes instead)
+            keep = targets != -1
+            hidden, targets = hidden[keep], targets[keep]
+        loss = F.cross_entropy(self.logits(hidden), targets, ignore_index=-1,
                                reduction="sum" if loss_reduction == "mean" else loss_reduction)
         if loss_reduction == "mean":
             # a batch whose targets are all -1 gives 0, not 0/0

@@ -8,17 +8,18 @@ iteration (a d20 GPT has 120 matrices in 3 shapes: a few large matmuls instead o
 import torch
 import torch.distributed as dist
 
-from common import reduce_scatter_mean
+from common import compute_dtype, reduce_scatter_mean
 
 
 def zeropower_via_newtonschulz5(G, steps):
     """
     Quintic Newton-Schulz towards the nearest semi-orthogonal matrix, for each matrix of a (..., m, n) stack.
     The coefficients maximise the slope at zero, so the result is U S' V^T with S' ~ U(0.5, 1.5), which trains
-    as well as U V^T. bf16 on GPU (fast and stable there); fp32 elsewhere, where bf16 matmuls are slow.
+    as well as U V^T. In the device's compute dtype: bf16 where it multiplies bf16 natively (stable in bf16, as
+    nanochat runs it), fp32 elsewhere, where bf16 matmuls are slow.
     """
     a, b, c = (3.4445, -4.7750, 2.0315)
-    X = G.bfloat16() if G.is_cuda else G.float()
+    X = G.to(compute_dtype(G.device))
     if G.size(-2) > G.size(-1):
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)

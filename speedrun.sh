@@ -44,18 +44,21 @@ phase() {  # a banner per phase: which one of how many, and the time so far
 if [ "$SCALE" = "demo" ]; then
   # reading pages are made on the fly in the training process: no loader workers to compete for the cores
   DEMO="$(cat scripts/demo.flags) --overwrite"  # a run of the demo starts its checkpoints afresh
-  phase 4 "tokenizer"
+  phase 5 "tokenizer"
   python -m scripts.tok_train --vocab_size=2048
   # from random initialisation on pages whose text has no prior to learn (README: the recipe)
-  phase 4 "stage 1: everything trains"
+  phase 5 "stage 1: everything trains"
   python -m scripts.vis_tok_train $DEMO --init_encoder=random --num_iterations=300 --warmup_steps=30 \
          --eval_every=100 --save_every=100
-  phase 4 "stage 2: SAM frozen"
+  phase 5 "stage 2: SAM frozen"
   # stage 1 ends at lr 0: restarting at its peak with fresh optimizer state raised the held-out CER 0.007 -> 0.022;
   # a warmup and a quarter of the rates kept it (0.007 -> 0.008)
   python -m scripts.vis_mid_train $DEMO --num_iterations=100 --step_milestones=0.75 --eval_every=100 --save_every=100 \
          --warmup_steps=20 --matrix_lr=0.005 --embedding_lr=0.05 --unembedding_lr=0.001 --vision_lr=2.5e-5
-  phase 4 "vision_sample"
+  # fresh pages read the way a user reads them: grid pages (what it learned) and ordinary type (what it did not)
+  phase 5 "held-out reading through scripts.ocr"
+  python -m scripts.eval_reading --pages=50
+  phase 5 "vision_sample"
   python -m scripts.vision_sample --max_tokens=128
 elif [ "$SCALE" = "full" ]; then
   NANOCHAT_GPT="${NANOCHAT_GPT:-sampathchanda/nanochat-d20}"   # a nanochat base checkpoint: local dir or HF repo

@@ -86,8 +86,11 @@ def test_engine_equals_uncached_generation(make_model, tokenizer, ngram, generat
     model = make_model(seed=3, generation=generation, sequence_len=512).eval()  # 2026: windows of 128 keys bind
     requests = pages(tokenizer)
     free = {i: uncached_greedy(model, ids, images, 14, stops=[], n=ngram, window=8) for i, ids, images in requests}
-    # stop tokens that end requests at different steps: tokens the free-running reference emits early on
-    stops = [free[0][4], free[2][9]]
+    # stop tokens that end requests at different steps: tokens the free-running reference emits (a run with stops is
+    # the free run cut before the first of them)
+    def ends(stops):
+        return {next((k for k, t in enumerate(v) if t in stops), len(v)) for v in free.values()}
+    stops = next([a, b] for a in free[0][2:] for b in free[2][4:] if len(ends((a, b))) > 1)
     expected = {i: uncached_greedy(model, ids, images, 14, stops, n=ngram, window=8) for i, ids, images in requests}
     assert len({len(v) for v in expected.values()}) > 1  # the requests really stop at different steps
     for batch_size in (1, 2, 4):  # one slot at a time, slots reused mid-run, everything at once

@@ -157,6 +157,28 @@ def test_all_ignored_targets_give_zero_loss_not_nan():
     assert loss.item() == 0.0
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_the_loss_on_target_rows_equals_the_loss_over_all_logits(reduction):
+    """Training computes logits only where a target is (image slots and prompts have none): the loss and every
+    gradient equal those of all the row's logits ("none" keeps them all)."""
+    model = small_gpt().train()
+    idx, targets = torch.randint(0, 97, (2, 24)), torch.randint(0, 97, (2, 24))
+    targets[0, :10], targets[1, 5:20] = -1, -1  # ignored runs, as image slots and prompts are
+    losses, grads = [], []
+    for whole in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss = model(idx, targets, loss_reduction="none" if whole else reduction)
+        if whole:
+            loss = loss.sum() / ((targets != -1).sum() if reduction == "mean" else 1)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def write_nanochat_checkpoint(directory, model, step, tokenizer, generation):
     """The files nanochat's base_train writes: the state dict with torch.compile's prefix and bf16 embeddings (as a
     CUDA run keeps wte and the value embeddings), meta_XXXXXX.json with nanochat's model_config, tokenizer.pkl."""

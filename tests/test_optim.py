@@ -19,6 +19,18 @@ def test_newton_schulz_orthogonalises():
     assert torch.linalg.svdvals(G).max() / torch.linalg.svdvals(G).min() > 2
 
 
+def test_newton_schulz_runs_in_the_compute_dtype(monkeypatch):
+    """bf16 where the CPU multiplies it natively (the precision rule's), and it orthogonalises there too."""
+    import common
+    monkeypatch.delenv("NANO_DEEPSEEK_OCR_FP32", raising=False)
+    G = torch.randn(3, 16, 48)
+    for native, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(common, "cpu_has_bf16", lambda: native)
+        X = zeropower_via_newtonschulz5(G, steps=5)
+        s = torch.linalg.svdvals(X.float())
+        assert X.dtype == dtype and 0.5 < s.min() and s.max() < 1.5
+
+
 def test_batched_muon_equals_muon_one_matrix_at_a_time():
     """Same-shape matrices stacked into one Newton-Schulz iteration give what updating each alone gives."""
     torch.manual_seed(0)

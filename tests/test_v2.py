@@ -91,7 +91,8 @@ def port_pair(seed=0):
     sam, _, _ = encoder_configs("v2-tiny")
     config = DeepseekOcr2Config(
         vision_config=dict(sam_config=dict(hidden_size=sam.embed_dim, num_hidden_layers=sam.depth,
-                                           num_attention_heads=sam.num_heads, global_attn_indexes=list(sam.global_attn_indexes),
+                                           num_attention_heads=sam.num_heads, window_size=sam.window_size,
+                                           global_attn_indexes=list(sam.global_attn_indexes),
                                            output_channels=sam.out_chans, downsample_channels=[sam.net2_chans, sam.net3_chans]),
                            encoder_config=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                                                num_key_value_heads=1, rope_parameters=dict(rope_type="default", rope_theta=1e6))),
