@@ -44,21 +44,31 @@ phase() {  # a banner per phase: which one of how many, and the time so far
 if [ "$SCALE" = "demo" ]; then
   # reading pages are made on the fly in the training process: no loader workers to compete for the cores
   DEMO="$(cat scripts/demo.flags) --overwrite"  # a run of the demo starts its checkpoints afresh
-  phase 5 "tokenizer"
+  S="$NANO_DEEPSEEK_OCR_DIR/checkpoints/stage1"
+  MIX="grid:1,bridge:2,type:2"  # ordinary type, with the pages on the way there kept in sight
+  phase 7 "tokenizer"
   python -m scripts.tok_train --vocab_size=2048
-  # from random initialisation on pages whose text has no prior to learn (README: the recipe)
-  phase 5 "stage 1: everything trains"
-  python -m scripts.vis_tok_train $DEMO --init_encoder=random --num_iterations=300 --warmup_steps=30 \
+  # from random initialisation on pages whose text has no prior to learn, a character per feature cell (README: the
+  # recipe); then towards ordinary type through bridge pages, each run from the last with a warmup (type at once stops
+  # the model looking)
+  phase 7 "stage 1: grid pages, everything trains"
+  python -m scripts.vis_tok_train $DEMO --model_tag=grid --init_encoder=random --num_iterations=300 --warmup_steps=30 \
          --eval_every=100 --save_every=100
-  phase 5 "stage 2: SAM frozen"
+  phase 7 "stage 1: bridge pages"
+  python -m scripts.vis_tok_train $DEMO --model_tag=bridge --reading=grid:1,bridge:3 --init_from="$S/grid" \
+         --num_iterations=350 --warmup_steps=30 --eval_every=175 --save_every=175
+  phase 7 "stage 1: type pages"
+  python -m scripts.vis_tok_train $DEMO --reading=$MIX --init_from="$S/bridge" --num_iterations=550 --warmup_steps=30 \
+         --eval_every=275 --save_every=275
+  phase 7 "stage 2: SAM frozen"
   # stage 1 ends at lr 0: restarting at its peak with fresh optimizer state raised the held-out CER 0.007 -> 0.022;
   # a warmup and a quarter of the rates kept it (0.007 -> 0.008)
-  python -m scripts.vis_mid_train $DEMO --num_iterations=100 --step_milestones=0.75 --eval_every=100 --save_every=100 \
-         --warmup_steps=20 --matrix_lr=0.005 --embedding_lr=0.05 --unembedding_lr=0.001 --vision_lr=2.5e-5
-  # fresh pages read the way a user reads them: grid pages (what it learned) and ordinary type (what it did not)
-  phase 5 "held-out reading through scripts.ocr"
+  python -m scripts.vis_mid_train $DEMO --reading=$MIX --num_iterations=100 --step_milestones=0.75 --eval_every=100 \
+         --save_every=100 --warmup_steps=20 --matrix_lr=0.005 --embedding_lr=0.05 --unembedding_lr=0.001 --vision_lr=2.5e-5
+  # fresh pages read the way a user reads them: grid pages and ordinary type
+  phase 7 "held-out reading through scripts.ocr"
   python -m scripts.eval_reading --pages=50
-  phase 5 "vision_sample"
+  phase 7 "vision_sample"
   python -m scripts.vision_sample --max_tokens=128
 elif [ "$SCALE" = "full" ]; then
   NANOCHAT_GPT="${NANOCHAT_GPT:-sampathchanda/nanochat-d20}"   # a nanochat base checkpoint: local dir or HF repo
