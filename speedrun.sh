@@ -58,8 +58,8 @@ if [ "$SCALE" = "demo" ]; then
   python -m scripts.vis_tok_train $DEMO --model_tag=bridge --reading=grid:1,bridge:3 --init_from="$S/grid" \
          --num_iterations=350 --warmup_steps=30 --eval_every=175 --save_every=175
   phase 7 "stage 1: type pages"
-  python -m scripts.vis_tok_train $DEMO --reading=$MIX --init_from="$S/bridge" --num_iterations=550 --warmup_steps=30 \
-         --eval_every=275 --save_every=275
+  python -m scripts.vis_tok_train $DEMO --reading=$MIX --init_from="$S/bridge" --num_iterations=700 --warmup_steps=30 \
+         --eval_every=350 --save_every=350
   phase 7 "stage 2: SAM frozen"
   # stage 1 ends at lr 0: restarting at its peak with fresh optimizer state raised the held-out CER 0.007 -> 0.022;
   # a warmup and a quarter of the rates kept it (0.007 -> 0.008)
