@@ -1,8 +1,8 @@
 #!/bin/bash
 # The whole pipeline, at the scale this machine allows (SCALE=demo|full to choose):
 #   demo (no GPU): a tiny DeepEncoder + 4-layer GPT learn, from random initialisation, to read synthetic pages they
-#                  have never seen (held-out CER in report.md); a tokenizer trained offline, both stages, then
-#                  vision_sample. 11 min 23 s on 2 CPU cores with native bf16 from a fresh clone (13 min in fp32).
+#                  have never seen (held-out CER in report.md); a tokenizer trained offline, both stages, fresh pages
+#                  read by scripts.ocr, vision_sample. 26 min 50 s on 2 CPU cores with native bf16 from a fresh clone.
 #   full (N GPUs): nanochat base GPT (NANOCHAT_GPT) + SAM/CLIP, data preparation, stage 1 and stage 2 under
 #                  torchrun, vision_sample and the evals.
 # Everything lands in $NANO_DEEPSEEK_OCR_DIR (default ~/.cache/nano_deepseek_ocr); the report in ./report.md.
